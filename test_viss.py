@@ -1,0 +1,658 @@
+"""Tests for viss_r1.py: exact reward tables, transforms against independent formulations, real video files,
+the patch layout against transformers' own processor, a tiny Qwen2.5-VL built locally, and hand-computed
+GRPO numbers. Run: python3 -m pytest -q test_viss.py"""
+
+import doctest
+import json
+import math
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in these tests may touch the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+import pytest
+import torch
+
+import viss_r1 as V
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# helpers: real video files (YUV4MPEG2, which decord reads) and data files
+# ---------------------------------------------------------------------------------------------------------
+
+def write_y4m(path, frames, fps=10):
+    """uint8 RGB frames [T, 3, H, W] -> a .y4m file (BT.601 limited-range YUV 4:4:4).
+    decord 0.6 fails to copy out y4m frames of some widths (8-24, 48, 72 seen); 32, 40, 56, 64, 80+ work."""
+    T, _, H, W = frames.shape
+    with open(path, "wb") as f:
+        f.write(f"YUV4MPEG2 W{W} H{H} F{fps}:1 Ip A1:1 C444\n".encode())
+        for fr in np.asarray(frames, dtype=np.float64):
+            r, g, b = fr
+            y = 16 + (65.481 * r + 128.553 * g + 24.966 * b) / 255
+            u = 128 + (-37.797 * r - 74.203 * g + 112.0 * b) / 255
+            v = 128 + (112.0 * r - 93.786 * g - 18.214 * b) / 255
+            f.write(b"FRAME\n" + np.clip(np.round(np.stack([y, u, v])), 0, 255).astype(np.uint8).tobytes())
+
+
+def mc_row(**kw):
+    row = {"problem_id": 1, "problem": "What moves? ", "data_type": "video", "problem_type": "multiple choice",
+           "options": ["A. cat", "B. dog"], "solution": "<answer>B</answer>", "path": "./v.mp4",
+           "data_source": "test"}
+    row.update(kw)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------------------
+# rewards (SPEC §4)
+# ---------------------------------------------------------------------------------------------------------
+
+A = "<think>x</think><answer>{}</answer>"
+ACCURACY_CASES = [
+    # multiple choice: exact after strip
+    (A.format("A"), "<answer>A</answer>", "multiple choice", 1.0),
+    ("<answer> B </answer>", "<answer>B</answer>", "multiple choice", 1.0),
+    (A.format("A."), "<answer>A</answer>", "multiple choice", 0.0),
+    (A.format("(A)"), "<answer>A</answer>", "multiple choice", 0.0),
+    (A.format("a"), "<answer>A</answer>", "multiple choice", 0.0),
+    ("A", "<answer>A</answer>", "multiple choice", 0.0),  # no tag -> "" in training
+    (A.format(""), "<answer>A</answer>", "multiple choice", 0.0),
+    ("<answer>B</answer><answer>A</answer>", "<answer>A</answer>", "multiple choice", 0.0),  # first tag counts
+    ("<answer>\nC\n</answer>", "<answer>C</answer>", "multiple choice", 1.0),
+    (A.format("A"), "<answer> A </answer>", "multiple choice", 1.0),
+    # numerical: decimal-ness must agree, then round to 2 places
+    (A.format("42"), "<answer>42</answer>", "numerical", 1.0),
+    (A.format("42.0"), "<answer>42</answer>", "numerical", 0.0),
+    (A.format("3.14"), "<answer>3.14</answer>", "numerical", 1.0),
+    (A.format("3.141"), "<answer>3.14</answer>", "numerical", 1.0),
+    (A.format("3.146"), "<answer>3.14</answer>", "numerical", 0.0),
+    (A.format("1,000"), "<answer>1000</answer>", "numerical", 0.0),
+    (A.format("1,000"), "<answer>1,000</answer>", "numerical", 1.0),
+    (A.format("1,000.5"), "<answer>1000.5</answer>", "numerical", 1.0),
+    (A.format("abc"), "<answer>5</answer>", "numerical", 0.0),
+    ("5", "<answer>5</answer>", "numerical", 0.0),
+    (A.format("-7"), "<answer>-7</answer>", "numerical", 1.0),
+    (A.format("7"), "<answer>-7</answer>", "numerical", 0.0),
+    (A.format("2.50"), "<answer>2.5</answer>", "numerical", 1.0),
+    # OCR: 1 - word error rate, clipped
+    (A.format("hello world"), "<answer>hello world</answer>", "OCR", 1.0),
+    (A.format("hello"), "<answer>hello world</answer>", "OCR", 0.5),
+    (A.format("hello there world"), "<answer>hello world</answer>", "OCR", 0.5),
+    (A.format("x y z"), "<answer>a</answer>", "OCR", 0.0),
+    (A.format(""), "<answer>a b</answer>", "OCR", 0.0),
+    (A.format("Hello world"), "<answer>hello world</answer>", "OCR", 0.5),
+    (A.format("a x c d"), "<answer>a b c d</answer>", "OCR", 0.75),
+    (A.format("b c d"), "<answer>a b c d</answer>", "OCR", 0.75),
+    # free-form: mean ROUGE-1/2/L F
+    (A.format("the cat sat"), "<answer>the cat sat</answer>", "free-form", 1.0),
+    (A.format("the cat"), "<answer>the cat sat</answer>", "free-form", (0.8 + 2 / 3 + 0.8) / 3),
+    (A.format("the cat"), "<answer>The cat!</answer>", "free-form", 1.0),
+    (A.format("dog runs"), "<answer>the cat sat</answer>", "free-form", 0.0),
+    (A.format("b a"), "<answer>a b</answer>", "free-form", 0.5),
+    (A.format(""), "<answer>a b</answer>", "free-form", 0.0),
+    (A.format("cats"), "<answer>cat</answer>", "free-form", 0.0),  # no stemming (departure 3)
+    # regression: 1 - relative error, clipped
+    (A.format("4"), "<answer>5</answer>", "regression", 0.8),
+    (A.format("4.5"), "<answer>5</answer>", "regression", 0.9),
+    (A.format("10"), "<answer>5</answer>", "regression", 0.0),
+    (A.format("-5"), "<answer>5</answer>", "regression", 0.0),
+    (A.format("0"), "<answer>0</answer>", "regression", 0.0),  # (0 + 1e-9) / (0 + 1e-9) = 1
+    (A.format("abc"), "<answer>5</answer>", "regression", 0.0),
+    (A.format("1,000"), "<answer>1000</answer>", "regression", 1.0),
+    (A.format("2"), "<answer>4</answer>", "regression", 0.5),
+    # anything else
+    (A.format("A"), "<answer>A</answer>", "yes/no", 0.0),
+]
+
+
+@pytest.mark.parametrize("completion,solution,ptype,expected", ACCURACY_CASES)
+def test_accuracy_reward(completion, solution, ptype, expected):
+    assert V.accuracy_reward(completion, solution, ptype) == pytest.approx(expected, abs=1e-8)
+
+
+FORMAT_CASES = [
+    ("<think>a</think><answer>B</answer>", False, 1.0),
+    ("<think>a</think>\n<answer>B</answer>", False, 1.0),
+    ("<think>\na\n</think>\n\n<answer>\nB\n</answer>", False, 1.0),
+    ("x<think>a</think><answer>B</answer>", False, 0.0),  # leading text
+    ("<think>a</think><answer>B</answer>x", False, 0.0),  # trailing text
+    ("<think>a</think><answer>B</answer>\n", False, 0.0),  # trailing newline
+    ("<answer>B</answer>", False, 0.0),
+    ("<think>a</think>", False, 0.0),
+    ("<think>a</think> x <answer>B</answer>", False, 0.0),
+    ("<think><think>a</think></think><answer>B</answer>", False, 1.0),  # nested: the regex accepts it
+    ("<think>a</think><answer>A</answer><answer>B</answer>", False, 1.0),  # duplicated: accepted
+    ("<think>a</think><think>b</think><answer>B</answer>", False, 1.0),
+    ("<answer>B</answer><think>a</think>", False, 0.0),
+    ("", False, 0.0),
+    ("<THINK>a</THINK><answer>B</answer>", False, 0.0),
+    ("<think>a</think><transform>B</transform><answer>C</answer>", True, 1.0),
+    ("<think>a</think>\n<transform>B</transform>\n<answer>C</answer>", True, 1.0),
+    ("<think>a</think><answer>C</answer>", True, 0.0),
+    ("<think>a</think><transform>B</transform><answer>C</answer>", False, 0.0),
+    ("<think>a</think><answer>C</answer><transform>B</transform>", True, 0.0),
+    ("<think>a</think><transform>B</transform><answer>C</answer> ", True, 0.0),
+]
+
+
+@pytest.mark.parametrize("completion,with_transform,expected", FORMAT_CASES)
+def test_format_reward(completion, with_transform, expected):
+    assert V.format_reward(completion, with_transform) == expected
+
+
+@pytest.mark.parametrize("completion,letter,expected", [
+    ("<transform>B</transform>", "B", 0.5),
+    ("<transform> B </transform>", "B", 0.5),
+    ("<transform>\nD\n</transform>", "D", 0.5),
+    ("<transform>b</transform>", "B", 0.0),
+    ("<transform>B.</transform>", "B", 0.0),
+    ("B", "B", 0.0),
+    ("<transform>C</transform><transform>B</transform>", "B", 0.0),
+])
+def test_transform_reward(completion, letter, expected):
+    assert V.transform_reward(completion, letter) == expected
+
+
+@pytest.mark.parametrize("text,tag,expected", [
+    ("<answer>A</answer>", "answer", "A"),
+    ("pre <answer>\n 12 \n</answer> post", "answer", "12"),
+    ("<answer>A</answer><answer>B</answer>", "answer", "A"),
+    ("<answer>A", "answer", ""),
+    ("<think>t</think>", "think", "t"),
+    ("<transform>C</transform>", "answer", ""),
+])
+def test_extract_tag(text, tag, expected):
+    assert V.extract_tag(text, tag) == expected
+
+
+@pytest.mark.parametrize("acc,lengths,low,high,expected", [
+    ([1, 1, 0], [400, 100, 400], 320, 512, [0.2, 0, 0]),
+    ([1, 0, 0], [400, 400, 400], 320, 512, [0, 0, 0]),  # a single accurate completion gets nothing
+    ([1, 1, 1, 1], [320, 512, 319, 513], 320, 512, [0.2, 0.2, 0, 0]),  # bounds inclusive
+    ([0.5, 0.1, 0.11], [400, 400, 400], 320, 512, [0.2, 0, 0.2]),  # accuracy must exceed 0.1
+    ([1, 1], [700, 769], 320, 768, [0.2, 0]),  # viss range
+    ([0, 0], [400, 400], 320, 512, [0, 0]),
+])
+def test_length_bonus(acc, lengths, low, high, expected):
+    assert V.length_bonus(acc, lengths, low, high) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("ordered,shuffled,expected", [
+    ([1, 0, 1, 0], [1, 1], [0, 0, 0, 0]),  # 0.5 < 0.8 x 1.0
+    ([1, 1, 0, 0], [0.5, 0.5], [0.3, 0.3, 0, 0]),  # 0.5 >= 0.4
+    ([0, 0], [0, 0], [0, 0]),
+    ([1, 0.05], [0.0], [0.3, 0]),
+])
+def test_temporal_bonus(ordered, shuffled, expected):
+    assert V.temporal_bonus(ordered, shuffled) == pytest.approx(expected)
+
+
+def test_group_rewards_viss_and_pretext():
+    c = ["<think>a</think><transform>B</transform><answer>A</answer>",  # all right
+         "<think>a</think><transform>C</transform><answer>A</answer>",  # wrong transform
+         "<transform>B</transform><answer>B</answer>"]  # wrong answer, bad format
+    totals, parts = V.group_rewards(c, [400, 100, 400], "<answer>A</answer>", "multiple choice", "viss", "B")
+    assert parts == {"accuracy": [1, 1, 0], "format": [1, 1, 0], "transform": [0.5, 0, 0.5],
+                     "length": [0.2, 0, 0]}
+    assert totals == pytest.approx([2.7, 2.0, 0.5])
+    totals, parts = V.group_rewards(["<think>x</think><answer>C</answer>", "C"], [5, 5], "<answer>C</answer>",
+                                    "multiple choice", "pretext", use_length_bonus=False, acc_shuffled=[0.0])
+    assert totals == pytest.approx([1 + 1 + 0.3, 0.0]) and "length" not in parts
+
+
+def test_doctests():
+    assert doctest.testmod(V).failed == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# pretext transforms (SPEC §2) against independent formulations
+# ---------------------------------------------------------------------------------------------------------
+
+def rand_frames(T, H, W, seed=0):
+    return torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (T, 3, H, W), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("T,H,W", [(16, 20, 36), (32, 24, 24), (1, 30, 18)])
+def test_rotate_matches_numpy_and_corner(T, H, W):
+    x = rand_frames(T, H, W)
+    for k in range(4):
+        y = V.apply_pretext(x, "rotate", k)
+        ref = x.numpy()
+        for _ in range(k):  # one counter-clockwise quarter turn = transpose, then flip rows
+            ref = np.flip(np.swapaxes(ref, -1, -2), -2)
+        assert np.array_equal(y.numpy(), ref)
+        assert y.shape[-2:] == ((H, W) if k % 2 == 0 else (W, H))  # canvas expands for 90/270
+    # counter-clockwise, as displayed: the top-right corner ends up top-left after 90 degrees
+    m = torch.zeros(1, 3, H, W, dtype=torch.uint8)
+    m[..., 0, W - 1] = 255
+    assert V.apply_pretext(m, "rotate", 1)[0, 0, 0, 0] == 255
+
+
+@pytest.mark.parametrize("T", [16, 32])
+def test_arrow_and_shuffle_index_arithmetic(T):
+    x = rand_frames(T, 8, 12)
+    assert torch.equal(V.apply_pretext(x, "arrow", 0), x)
+    assert torch.equal(V.apply_pretext(x, "arrow", 1), x[list(range(T - 1, -1, -1))])
+    g = T // 4
+    for opt, (a, b) in enumerate(V.PAIRS):
+        order = []
+        for grp in range(1, 5):
+            src = {a: b, b: a}.get(grp, grp)
+            order += list(range((src - 1) * g, src * g))
+        assert torch.equal(V.apply_pretext(x, "shuffle", opt), x[order])
+
+
+def test_shuffle_needs_multiple_of_four():
+    with pytest.raises(ValueError, match="divisible by 4"):
+        V.apply_pretext(rand_frames(10, 4, 4), "shuffle", 0)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        V.pretext_question("shuffle", 10)
+
+
+@pytest.mark.parametrize("H,W", [(20, 36), (21, 35)])
+def test_flip_and_puzzle_pixelwise(H, W):
+    x = rand_frames(1, H, W)
+    assert torch.equal(V.apply_pretext(x, "flip", 0), x)
+    assert np.array_equal(V.apply_pretext(x, "flip", 1).numpy(), x.numpy()[..., ::-1])
+    assert np.array_equal(V.apply_pretext(x, "flip", 2).numpy(), x.numpy()[..., ::-1, :])
+    h, w = H // 2, W // 2
+    corner = [(0, 0), (0, w), (h, 0), (h, w)]  # tiles 1 TL, 2 TR, 3 BL, 4 BR
+    for opt, (a, b) in enumerate(V.PAIRS):
+        y = V.apply_pretext(x, "puzzle", opt)
+        assert y.shape[-2:] == (2 * h, 2 * w)
+        for tile in range(1, 5):
+            src = {a: b, b: a}.get(tile, tile)
+            (r0, c0), (r1, c1) = corner[tile - 1], corner[src - 1]
+            for i in range(h):
+                for j in (0, w - 1):
+                    assert torch.equal(y[..., r0 + i, c0 + j], x[..., r1 + i, c1 + j])
+
+
+@pytest.mark.parametrize("task,T", [("rotate", 16), ("arrow", 16), ("shuffle", 32), ("flip", 1), ("puzzle", 1),
+                                    ("rotate", 1)])
+def test_inverse_restores(task, T):
+    x = rand_frames(T, 20, 28)  # even sides: puzzle keeps every pixel
+    for opt in range(V.NUM_OPTIONS[task]):
+        assert torch.equal(V.invert_pretext(V.apply_pretext(x, task, opt), task, opt), x)
+
+
+def test_sampler_seeded_uniform_and_arrow_rate():
+    import random
+    draws = [V.sample_pretext("video", ("rotate", "arrow", "shuffle"), random.Random(3)) for _ in range(3)]
+    assert len(set(draws)) == 1  # same seed, same draw
+    rng = random.Random(0)
+    many = [V.sample_pretext("video", ("rotate", "arrow", "shuffle"), rng) for _ in range(6000)]
+    tasks = [t for t, _ in many]
+    for t in ("rotate", "arrow", "shuffle"):
+        assert abs(tasks.count(t) / 6000 - 1 / 3) < 0.03
+    arrow = [o for t, o in many if t == "arrow"]
+    assert abs(sum(arrow) / len(arrow) - 0.55) < 0.04
+    rot = [o for t, o in many if t == "rotate"]
+    assert all(abs(rot.count(k) / len(rot) - 0.25) < 0.04 for k in range(4))
+    only = {V.sample_pretext("image", ("puzzle",), rng)[0] for _ in range(50)}
+    assert only == {"puzzle"}
+    with pytest.raises(ValueError, match="no pretext task"):
+        V.sample_pretext("image", ("arrow",), rng)
+
+
+def test_pretext_question_contents():
+    q = V.pretext_question("shuffle", 16)
+    assert "frames 1-4" in q and "frames 13-16" in q and "F. group 3" in q
+    q = V.pretext_question("rotate", 32)
+    assert "counter-clockwise" in q and "0 degrees means no rotation" in q and "D. 270 degrees" in q
+    assert V.pretext_question("arrow", 8).endswith("B. reversed")
+    assert "C. vertical flip" in V.pretext_question("flip", 1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# prompts (SPEC §3)
+# ---------------------------------------------------------------------------------------------------------
+
+def test_prompts_carry_tags_and_type_instruction():
+    row = mc_row()
+    r1 = V.r1_prompt(row)
+    assert r1.startswith("What moves? Options:\nA. cat\nB. dog\n") and "<think> </think>" in r1
+    assert "single option letter" in r1
+    num = V.r1_prompt(mc_row(problem_type="numerical", solution="<answer>3</answer>"))
+    assert "Options" not in num and "numerical value" in num
+    p = V.pretext_prompt("arrow", 16)
+    assert p.startswith(V.pretext_question("arrow", 16)) and "temporal order" in p and "option letter" in p
+    vp = V.viss_prompt(mc_row(problem_type="OCR", solution="<answer>hi</answer>"), "rotate", 32)
+    for needle in ("Transformation Identification", "User Question", "restored video", "<transform>",
+                   "Transform question: Every frame", "transcribe"):
+        assert needle in vp
+    assert "restored image" in V.viss_prompt(mc_row(data_type="image"), "flip", 1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# media (SPEC §6)
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args,kw,expected", [
+    ((480, 640), {"max_pixels": 128 * 28 * 28}, (252, 364)),
+    ((10, 10), {}, (336, 336)),  # below min_pixels: grow and ceil
+    ((84, 140), {"min_pixels": 1, "max_pixels": 10 ** 9}, (84, 140)),  # already on the grid
+    ((13, 13), {"min_pixels": 1, "max_pixels": 10 ** 9}, (28, 28)),  # never below one factor
+    ((100, 100), {"factor": 32, "min_pixels": 1, "max_pixels": 10 ** 9}, (96, 96)),  # Qwen3-VL factor
+    ((1000, 10), {"min_pixels": 1, "max_pixels": 28 * 28 * 4}, (560, 28)),  # thin side pinned at 28: area can exceed max
+])
+def test_smart_resize(args, kw, expected):
+    h, w = V.smart_resize(*args, **kw)
+    assert (h, w) == expected
+
+
+def test_smart_resize_aspect_error():
+    with pytest.raises(ValueError, match="aspect ratio"):
+        V.smart_resize(10, 2100)
+
+
+@pytest.mark.parametrize("args,expected", [
+    ((300, 30.0), 16), ((30, 30.0), 4), ((3, 30.0), 2), ((100, 10.0, 2.0, 4, 32), 20),
+    ((100, 10.0, 2.0, 4, 16, 31), 32), ((100, 10.0, 2.0, 4, 16, 5), 4), ((100, 10.0, 2.0, 4, 16, 7), 8),
+    ((61, 30.0, 2.0, 4, 16), 4),
+])
+def test_smart_nframes(args, expected):
+    assert V.smart_nframes(*args) == expected
+
+
+def test_smart_nframes_too_short():
+    with pytest.raises(ValueError, match="cannot sample"):
+        V.smart_nframes(1, 30.0)
+
+
+def test_frame_indices():
+    assert V.frame_indices(10, 4) == [0, 3, 6, 9]
+    assert V.frame_indices(10, 5) == [0, 2, 4, 7, 9]  # numpy rounds half to even, like torch
+    assert V.frame_indices(3, 6) == [0, 0, 1, 1, 2, 2]
+
+
+def test_real_video_file_roundtrip(tmp_path):
+    T, H, W = 30, 24, 40
+    frames = np.zeros((T, 3, H, W), np.uint8)
+    for t in range(T):
+        frames[t] = t * 8  # grey level encodes the frame index
+    path = str(tmp_path / "clip.y4m")
+    write_y4m(path, frames, fps=10)
+    x, fps = V.load_video(path)  # 3 s at 2 fps -> 6 frames
+    assert x.dtype == torch.uint8 and x.shape == (6, 3, H, W)
+    assert fps == pytest.approx(2.0)
+    idx = V.frame_indices(T, 6)
+    assert idx == [0, 6, 12, 17, 23, 29]
+    assert np.abs(x.float().mean((1, 2, 3)).numpy() - np.array(idx) * 8).max() < 3
+    x, fps = V.load_video(path, nframes=8)
+    assert x.shape[0] == 8 and fps == pytest.approx(8 / 30 * 10)
+    with pytest.raises(FileNotFoundError, match="missing.y4m"):
+        V.load_video(str(tmp_path / "missing.y4m"))
+    (tmp_path / "broken.mp4").write_bytes(b"\x00not a video" * 50)
+    with pytest.raises(ValueError, match="unreadable video .*broken.mp4"):
+        V.load_video(str(tmp_path / "broken.mp4"))
+
+
+def test_image_loader(tmp_path):
+    from PIL import Image
+    arr = np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(tmp_path / "a.png")
+    x = V.load_image(str(tmp_path / "a.png"))
+    assert x.shape == (1, 3, 30, 40) and np.array_equal(x[0].permute(1, 2, 0).numpy(), arr)
+
+
+def _spec(patch=14):
+    return V.VisionSpec("qwen2_5_vl", patch, 2, 2, V.OPENAI_CLIP_MEAN, V.OPENAI_CLIP_STD, 1, 2)
+
+
+@pytest.mark.parametrize("H,W,max_pixels", [(56, 84, 10 ** 6), (71, 93, 56 * 84)])
+def test_patch_layout_matches_hf_image_processor(H, W, max_pixels):
+    from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    arr = np.random.default_rng(1).integers(0, 256, (H, W, 3), dtype=np.uint8)
+    if max_pixels < H * W:  # a smooth image for the resized case: PIL and torch bicubic agree on smooth input
+        yy, xx = np.mgrid[0:H, 0:W]
+        arr = np.stack([120 + 100 * np.sin(yy / 9 + c) * np.cos(xx / 13) for c in range(3)], -1).astype(np.uint8)
+    hf = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=max_pixels)(
+        images=[Image.fromarray(arr)], return_tensors="pt")
+    spec = _spec()
+    media = V.fit_media(V.Media(torch.from_numpy(arr).permute(2, 0, 1)[None], "image"), spec, 28 * 28, max_pixels)
+    ours = V.vision_inputs(media, spec)
+    assert torch.equal(ours["image_grid_thw"], hf["image_grid_thw"])
+    if (H, W) == tuple(media.frames.shape[-2:]):  # no resize: the layout must be identical
+        assert torch.equal(ours["pixel_values"], hf["pixel_values"].float())
+    else:  # PIL and torch bicubic filters round differently: within 2 grey levels on a smooth image
+        assert (ours["pixel_values"] - hf["pixel_values"]).abs().max() < 2.01 / 255 / min(V.OPENAI_CLIP_STD)
+
+
+def test_video_patches_extend_image_layout():
+    spec = _spec()
+    img = rand_frames(1, 56, 84)
+    vid = torch.cat([img, img, rand_frames(2, 56, 84, seed=5)])  # temporal patch 1 = the image twice
+    pv, grid = V.patchify(vid, spec)
+    pi, gi = V.patchify(img, spec)
+    assert grid == [2, 4, 6] and gi == [1, 4, 6] and pv.shape == (2 * 4 * 6, 3 * 2 * 14 * 14)
+    assert torch.equal(pv[:24], pi)
+    odd, g3 = V.patchify(vid[:3], spec)  # odd frame count: the last frame is repeated
+    assert g3 == [2, 4, 6] and torch.equal(odd[24:], V.patchify(vid[2:3], spec)[0])
+    assert V.num_vision_tokens(grid, spec) == 12
+    inputs = V.vision_inputs(V.Media(vid, "video", fps=2.0), spec)
+    assert inputs["second_per_grid_ts"].tolist() == [1.0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GRPO math (SPEC §5)
+# ---------------------------------------------------------------------------------------------------------
+
+def test_group_advantages():
+    r = torch.tensor([1.0, 0, 0, 0, 2, 2, 2, 2])
+    a = V.group_advantages(r, 4)
+    assert torch.allclose(a[:4], torch.tensor([0.75, -0.25, -0.25, -0.25]) / (0.5 + 1e-4))
+    assert torch.equal(a[4:], torch.zeros(4))  # all-equal group: exactly zero, no NaN
+    centred = torch.tensor([0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0])
+    assert torch.allclose(V.group_advantages(r, 4, "batch"), centred / (r.std() + 1e-4))
+    assert torch.allclose(V.group_advantages(r, 4, "none"), centred)
+    assert not torch.isnan(V.group_advantages(torch.ones(8), 8)).any()
+    with pytest.raises(ValueError):
+        V.group_advantages(r, 3)
+
+
+LOGP = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -1.5, -2.5]])
+MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+ADV = torch.tensor([1.0, -0.5])
+
+
+@pytest.mark.parametrize("loss_type,kw,expected", [
+    ("grpo", {}, (-1.0 + 0.5) / 2),  # per-sequence means -1 and +0.5
+    ("bnpo", {}, (-2 + 1.5) / 5),
+    ("dr_grpo", {"max_completion_length": 4}, (-2 + 1.5) / (2 * 4)),
+    ("dr_grpo", {}, (-2 + 1.5) / (2 * 3)),
+    ("dapo", {}, (-2 + 1.5) / 5),
+])
+def test_grpo_loss_hand_values(loss_type, kw, expected):
+    loss, stats = V.grpo_loss(LOGP, LOGP, ADV, MASK, loss_type=loss_type, **kw)
+    assert loss.item() == pytest.approx(expected)
+    assert stats["clip_ratio/region_mean"] == 0 and stats["kl"] == 0
+
+
+def test_grpo_loss_clipping_and_kl_hand_values():
+    old = torch.zeros(2, 2)
+    logp = torch.log(torch.tensor([[1.5, 0.5], [1.5, 0.5]]))  # ratios 1.5 and 0.5
+    adv = torch.tensor([1.0, -1.0])
+    mask = torch.ones(2, 2)
+    # A=+1: min(1.5, 1.2) = 1.2 and min(0.5, 0.8) = 0.5;  A=-1: min(-1.5, -1.2) = -1.5, min(-0.5, -0.8) = -0.8
+    loss, stats = V.grpo_loss(logp, old, adv, mask)
+    assert loss.item() == pytest.approx(((-1.2 - 0.5) / 2 + (1.5 + 0.8) / 2) / 2)
+    assert stats["clip_ratio/high_mean"] == 0.25 and stats["clip_ratio/low_mean"] == 0.25
+    loss2, _ = V.grpo_loss(logp, old, adv, mask, eps_high=0.6)  # clip-higher: 1.5 < 1.6 is no longer clipped
+    assert loss2.item() == pytest.approx(((-1.5 - 0.5) / 2 + (1.5 + 0.8) / 2) / 2)
+    ref = logp + 0.5  # x = 0.5 everywhere: k3 = e^0.5 - 1.5
+    k3 = math.exp(0.5) - 1.5
+    loss3, stats3 = V.grpo_loss(logp, old, adv, mask, ref_logp=ref, beta=0.1)
+    assert loss3.item() == pytest.approx(loss.item() + 0.1 * k3)
+    assert stats3["kl"] == pytest.approx(k3)
+
+
+def test_kl_zero_when_policy_is_reference():
+    loss, stats = V.grpo_loss(LOGP, LOGP, ADV, MASK, ref_logp=LOGP.clone(), beta=0.04)
+    assert stats["kl"] == 0.0
+    assert loss.item() == pytest.approx(V.grpo_loss(LOGP, LOGP, ADV, MASK)[0].item())
+
+
+def test_grpo_gradient_is_policy_gradient():
+    torch.manual_seed(0)
+    h = torch.randn(2, 3, 8)
+    head = torch.nn.Linear(8, 11, bias=False)
+    targets = torch.randint(0, 11, (2, 3))
+    logp = V.token_logprobs(h, head.weight, targets)
+    loss, _ = V.grpo_loss(logp, logp.detach(), ADV, MASK)
+    g1 = torch.autograd.grad(loss, head.weight)[0]
+    logp = V.token_logprobs(h, head.weight, targets)  # plain REINFORCE with per-sequence token means
+    pg = -((ADV[:, None] * logp * MASK).sum(1) / MASK.sum(1)).mean()
+    g2 = torch.autograd.grad(pg, head.weight)[0]
+    assert torch.allclose(g1, g2, atol=1e-7)
+
+
+def test_chunked_logprobs_equal_full_logits():
+    torch.manual_seed(0)
+    h = torch.randn(2, 7, 16, requires_grad=True)
+    w = torch.randn(300, 16, requires_grad=True)
+    t = torch.randint(0, 300, (2, 7))
+    for tau in (1.0, 0.7):
+        chunked = V.token_logprobs(h, w, t, temperature=tau, chunk_size=5)
+        naive = torch.log_softmax((h @ w.T) / tau, -1).gather(-1, t[..., None]).squeeze(-1)
+        assert torch.allclose(chunked, naive, atol=1e-5)
+        gc = torch.autograd.grad(chunked.sum(), (h, w))
+        gn = torch.autograd.grad(naive.sum(), (h, w))
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(gc, gn))
+
+
+def test_completion_mask():
+    ids = torch.tensor([[5, 9, 7, 9, 1], [5, 5, 5, 5, 5], [9, 0, 0, 0, 0]])
+    assert V.completion_mask(ids, eos_id=9).tolist() == [[1, 1, 0, 0, 0], [1] * 5, [1, 0, 0, 0, 0]]
+
+
+PEAK_SCRIPT = """
+import resource, sys, torch
+sys.path.insert(0, {here!r})
+import viss_r1 as V
+torch.manual_seed(0)
+N, D, VOCAB = 1024, 64, 151936  # 1024 completion tokens, Qwen's vocabulary
+h = torch.randn(N, D, requires_grad=True); w = (torch.randn(VOCAB, D) * 0.02).requires_grad_(); t = torch.randint(0, VOCAB, (N,))
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if sys.argv[1] == "chunked":
+    lp = V.token_logprobs(h, w, t, chunk_size=128)
+else:
+    lp = torch.log_softmax((h @ w.T).float(), -1).gather(-1, t[:, None]).squeeze(-1)
+lp.sum().backward()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)  # MiB
+"""
+
+
+def test_chunked_logprob_peak_memory():
+    """Forward + backward over 1024 tokens x 151,936 vocab: full float32 logits are 594 MiB per copy."""
+    peaks = {}
+    for mode in ("chunked", "full"):
+        out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT.format(here=HERE), mode], capture_output=True,
+                             text=True, check=True)
+        peaks[mode] = float(out.stdout.strip().splitlines()[-1])
+    print(f"peak extra memory, MiB: {peaks}")
+    assert peaks["full"] > 1000  # logits + log_softmax + their gradients
+    assert peaks["chunked"] * 4 < peaks["full"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data (SPEC §7)
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad,message", [
+    ({"problem": None}, "missing field"),
+    ({"problem_type": "yes/no"}, "unknown problem_type 'yes/no'"),
+    ({"data_type": "audio"}, "data_type"),
+    ({"solution": "B"}, "<answer>"),
+    ({"options": ["A. cat", "C. dog"]}, "solution letter 'B' is not one of"),
+    ({"options": ["cat", "dog"]}, "does not start with a letter"),
+    ({"options": None}, "without an 'options' list"),
+    ({"trans_opt": "flip", "trans_ans": "A"}, "not a video pretext task"),
+    ({"trans_opt": "arrow", "trans_ans": "C"}, "not an option letter"),
+])
+@pytest.mark.parametrize("fmt", ["json", "jsonl"])
+def test_malformed_rows_name_file_and_index(tmp_path, bad, message, fmt):
+    rows = [mc_row(), mc_row(), mc_row(**bad)]
+    if bad.get("problem", 1) is None:
+        del rows[2]["problem"]
+    path = tmp_path / f"data.{fmt}"
+    path.write_text(json.dumps(rows) if fmt == "json" else "\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(ValueError, match=rf"data\.{fmt}: row 2: .*{message}"):
+        V.load_rows(str(path))
+
+
+def test_good_rows_and_paths(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps(mc_row()) + "\n\n" + json.dumps(mc_row(trans_opt="arrow", trans_ans="B")) + "\n")
+    rows = V.load_rows(str(p))
+    assert len(rows) == 2
+    assert V.resolve_path("./videos/a.mp4", "/data") == os.path.normpath("/data/videos/a.mp4")
+    assert V.resolve_path("/abs/a.mp4", "/data") == "/abs/a.mp4"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(mc_row()) + "\n{not json\n")
+    with pytest.raises(ValueError, match="bad.jsonl: row 1: not valid JSON"):
+        V.load_rows(str(bad))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a tiny randomly initialised model of each real architecture, saved and reloaded with from_pretrained
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
+def tiny(request, tmp_path_factory):
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+    d = str(tmp_path_factory.mktemp(request.param))
+    V.build_tiny_checkpoint(d, request.param)
+    model = AutoModelForImageTextToText.from_pretrained(d).eval()
+    return model, AutoTokenizer.from_pretrained(d), V.vision_spec(model.config, d)
+
+
+def _forward(model, tokenizer, spec, media, text="Describe it."):
+    media = V.fit_media(media, spec, min_pixels=4 * spec.factor ** 2, max_pixels=12 * spec.factor ** 2)
+    vis = V.vision_inputs(media, spec)
+    grid = (vis.get("video_grid_thw", vis.get("image_grid_thw")))[0].tolist()
+    ids, types = V.prompt_ids(tokenizer, text, media, spec, grid)
+    pad = spec.video_token_id if media.kind == "video" else spec.image_token_id
+    assert ids.count(pad) == V.num_vision_tokens(grid, spec)  # one pad per merged patch
+    assert sum(t > 0 for t in types) == ids.count(pad)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([ids]), mm_token_type_ids=torch.tensor([types]), **vis)
+    assert torch.isfinite(out.logits).all() and out.logits.shape[:2] == (1, len(ids))
+    return out.logits, ids, types, vis
+
+
+def test_tiny_model_accepts_video_image_and_rotated_video(tiny, tmp_path):
+    model, tokenizer, spec = tiny
+    assert spec.patch_size == (16 if spec.model_type == "qwen3_vl" else 14)
+    frames = rand_frames(16, 40, 80)  # non-square: rotation by 90 degrees changes the grid
+    path = str(tmp_path / "v.y4m")
+    write_y4m(path, frames.numpy(), fps=8)
+    video = V.load_media(path, "video", max_frames=8)  # 2 s at 2 fps -> 4 frames
+    assert video.frames.shape == (4, 3, 40, 80)
+    _, ids, _, vis = _forward(model, tokenizer, spec, video)
+    rotated = V.Media(V.apply_pretext(video.frames, "rotate", 1), "video", video.fps)
+    _, ids_r, _, vis_r = _forward(model, tokenizer, spec, rotated)
+    g, gr = vis["video_grid_thw"][0].tolist(), vis_r["video_grid_thw"][0].tolist()
+    assert g[1:] == gr[1:][::-1] and g[1] != g[2]  # height and width blocks swap
+    _forward(model, tokenizer, spec, V.Media(rand_frames(1, 50, 30), "image"))
+    if spec.model_type == "qwen2_5_vl":
+        assert vis["second_per_grid_ts"].tolist() == [1.0]  # 2 frames per patch at 2 fps
+
+
+def test_mm_token_type_ids_select_3d_positions(tiny):
+    """Without mm_token_type_ids, Qwen2.5-VL silently falls back to 1-D positions (the logits change);
+    Qwen2-VL and Qwen3-VL refuse to run."""
+    model, tokenizer, spec = tiny
+    logits, ids, types, vis = _forward(model, tokenizer, spec, V.Media(rand_frames(4, 64, 96), "video", 2.0))
+    if spec.model_type != "qwen2_5_vl":
+        with pytest.raises(ValueError, match="mm_token_type_ids"):
+            model(input_ids=torch.tensor([ids]), **vis)
+        return
+    with torch.no_grad():
+        flat = model(input_ids=torch.tensor([ids]), **vis).logits
+    assert not torch.allclose(flat, logits, atol=1e-4)

@@ -1,0 +1,864 @@
+"""
+ViSS-R1: self-supervised reinforcement learning for video reasoning, in one file.
+
+Paper: Fang et al., "ViSS-R1: Self-Supervised Reinforcement Video Reasoning", arXiv 2511.13054.
+
+Video R1-style GRPO tends to teach a multimodal LLM to answer from the text of the question and to ignore
+the pixels. ViSS-R1 makes the model look: every training clip is *transformed* by a self-supervised pretext
+task (rotated, reversed, shuffled, flipped, puzzled) and the model is rewarded for naming the transformation
+and for answering the user's question about the restored clip, inside the same GRPO update.
+
+    Pretext-GRPO   transformed clip + pretext question only, reward = letter + format (+ length), beta 0.04
+    ViSS-R1        SFT cold start, then GRPO on the transformed clip with both questions:
+                   <think>..</think><transform>X</transform><answer>..</answer>
+                   reward = accuracy + 0.5 transform + format (+ length), no KL term
+    GRPO / T-GRPO  the Video-R1 baseline on the original clip, beta 0.04
+
+The file reads top to bottom in data-flow order: media -> pretext transforms -> prompts -> rewards -> GRPO
+math -> data. Every piece others copy is a small pure function; importing this module loads nothing heavy
+(transformers and decord are imported inside the functions that need them).
+
+Deliberate departures from the authors' release (each one is explained where it is implemented):
+  1. `shuffle` works for any frame count divisible by 4 (the release hard-wires 32 frames) and the question
+     names the real frame ranges.
+  2. `second_per_grid_ts` and `mm_token_type_ids` go to every forward, scoring included (the Video-R1
+     trainer dropped the former for scoring, so scoring used different M-RoPE positions than sampling).
+  3. Free-form ROUGE tokenizes like rouge-score but without the Porter stemmer.
+  4. An explicit `nframes` larger than the clip repeats frames instead of raising (qwen-vl-utils raises).
+  5. Images are decoded with Pillow, imported only when an image row is read (decord reads video only).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# ---------------------------------------------------------------------------------------------------------
+# Media: frame sampling, resizing and patching for the Qwen2-VL family (SPEC §6)
+# ---------------------------------------------------------------------------------------------------------
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".y4m", ".flv", ".m4v", ".mpg", ".mpeg")
+
+
+def _round2(x: float) -> int:
+    return round(x / 2) * 2  # Python's round (half to even), as qwen-vl-utils' round_by_factor
+
+
+def smart_nframes(total_frames: int, video_fps: float, fps: float = 2.0, min_frames: int = 4,
+                  max_frames: int = 16, nframes: int | None = None) -> int:
+    """Number of frames to sample, as qwen-vl-utils: `fps` frames per second of video, clamped and even.
+
+    >>> smart_nframes(300, 30.0)              # 10 s at 2 fps = 20, clamped to max_frames
+    16
+    >>> smart_nframes(30, 30.0)               # 1 s -> 2 frames, raised to min_frames
+    4
+    """
+    if nframes is not None:
+        n = _round2(nframes)
+        if n < 2:
+            raise ValueError(f"nframes={nframes} rounds to {n}; at least 2 frames are needed")
+        return n  # may exceed total_frames: frame_indices then repeats frames (departure 4)
+    lo = math.ceil(min_frames / 2) * 2
+    hi = math.floor(min(max_frames, total_frames) / 2) * 2
+    n = total_frames / video_fps * fps
+    n = math.floor(min(max(n, lo), hi) / 2) * 2
+    if not 2 <= n <= total_frames:
+        raise ValueError(f"cannot sample {n} frames from a clip of {total_frames} frames "
+                         f"(min_frames={min_frames}, max_frames={max_frames})")
+    return n
+
+
+def frame_indices(total_frames: int, n: int) -> list[int]:
+    """`n` indices spread evenly over the clip, first and last frame included: round(linspace(0, T-1, n))."""
+    return [int(i) for i in np.linspace(0, total_frames - 1, n).round()]
+
+
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 128 * 28 * 28,
+                 max_pixels: int = 256 * 28 * 28) -> tuple[int, int]:
+    """Target (h, w): multiples of `factor` (= patch · merge), area within [min_pixels, max_pixels], aspect kept.
+
+    >>> smart_resize(480, 640, max_pixels=128 * 28 * 28)   # 307,200 px > 100,352: shrink by 1.75
+    (252, 364)
+    """
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"aspect ratio of {height}x{width} exceeds 200")
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:  # too big: shrink by the exact area ratio, floor to the grid
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:  # too small: grow, ceil to the grid
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def load_video(path: str, nframes: int | None = None, fps: float = 2.0, min_frames: int = 4,
+               max_frames: int = 16) -> tuple[torch.Tensor, float]:
+    """Decode a clip with decord -> (uint8 frames [T, 3, H, W], sampled fps = T / total · video_fps)."""
+    import decord  # imported here so that `import viss_r1` stays cheap
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"video not found: {path}")
+    try:
+        vr = decord.VideoReader(path, num_threads=1)
+        total, video_fps = len(vr), float(vr.get_avg_fps())
+        if total < 1 or not video_fps > 0:
+            raise ValueError(f"frames={total}, fps={video_fps}")
+        n = smart_nframes(total, video_fps, fps, min_frames, max_frames, nframes)
+        frames = torch.from_numpy(vr.get_batch(frame_indices(total, n)).asnumpy())  # [T, H, W, 3]
+    except (decord.DECORDError, RuntimeError, ValueError) as e:  # one message that names the file
+        raise ValueError(f"unreadable video {path}: {str(e).strip().splitlines()[-1][:200]}") from None
+    return frames.permute(0, 3, 1, 2).contiguous(), n / total * video_fps
+
+
+def load_image(path: str) -> torch.Tensor:
+    """Decode an image -> uint8 [1, 3, H, W]. Pillow is imported only here (departure 5)."""
+    try:
+        from PIL import Image
+    except ImportError as e:
+        raise ImportError("image rows need Pillow (`pip install pillow`); video rows do not") from e
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image not found: {path}")
+    with Image.open(path) as im:
+        arr = np.asarray(im.convert("RGB"))
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)[None]
+
+
+def resize_frames(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bicubic resize with antialias, rounded and clamped back to uint8 range: [T, 3, h, w] -> [T, 3, H, W]."""
+    if frames.shape[-2:] == (height, width):
+        return frames
+    out = F.interpolate(frames.float(), size=(height, width), mode="bicubic", antialias=True, align_corners=False)
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
+@dataclass(frozen=True)
+class VisionSpec:
+    """What the patcher needs to know about one checkpoint's vision tower (read, never hard-coded)."""
+    model_type: str  # "qwen2_vl" | "qwen2_5_vl" | "qwen3_vl"
+    patch_size: int  # 14 (Qwen2/2.5-VL) or 16 (Qwen3-VL)
+    temporal_patch_size: int  # 2
+    merge_size: int  # 2: 2x2 patches become one LLM token
+    image_mean: tuple
+    image_std: tuple
+    image_token_id: int
+    video_token_id: int
+
+    @property
+    def factor(self) -> int:
+        return self.patch_size * self.merge_size
+
+
+def vision_spec(config, model_dir: str | None = None) -> VisionSpec:
+    """VisionSpec from a transformers config (+ preprocessor_config.json in `model_dir` for mean/std)."""
+    vc = config.vision_config
+    mean, std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    if config.model_type == "qwen3_vl":
+        mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # Qwen3-VL's processor default
+    pp = os.path.join(model_dir, "preprocessor_config.json") if model_dir else None
+    if pp and os.path.isfile(pp):
+        with open(pp) as f:
+            cfg = json.load(f)
+        mean, std = tuple(cfg.get("image_mean", mean)), tuple(cfg.get("image_std", std))
+    return VisionSpec(config.model_type, vc.patch_size, vc.temporal_patch_size, vc.spatial_merge_size,
+                      tuple(mean), tuple(std), config.image_token_id, config.video_token_id)
+
+
+def patchify(frames: torch.Tensor, spec: VisionSpec) -> tuple[torch.Tensor, list[int]]:
+    """Normalized frames -> (pixel rows, grid [t, h, w]) in the exact layout of the Qwen2-VL processors.
+
+    frames: uint8 [T, 3, H, W] with H, W multiples of patch·merge (an image is T = 1).
+    [T, 3, H, W] -> [T/tp · H/p · W/p, 3·tp·p·p], rows ordered (t, h-block, w-block, merge-row, merge-col).
+    """
+    p, tp, m = spec.patch_size, spec.temporal_patch_size, spec.merge_size
+    T, C, H, W = frames.shape
+    if H % (p * m) or W % (p * m):
+        raise ValueError(f"frame size {H}x{W} is not a multiple of {p * m}; smart_resize first")
+    if T % tp:  # pad the time axis by repeating the last frame (an image becomes tp identical frames)
+        frames = torch.cat([frames, frames[-1:].expand(tp - T % tp, -1, -1, -1)])
+    mean = torch.tensor(spec.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(spec.image_std).view(1, 3, 1, 1)
+    x = (frames.float() / 255 - mean) / std  # rescale, then normalize: bit-exact with the HF processor
+    gt, gh, gw = x.shape[0] // tp, H // p, W // p
+    x = x.reshape(gt, tp, C, gh // m, m, p, gw // m, m, p)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # -> (gt, gh/m, gw/m, m, m, C, tp, p, p)
+    return x.reshape(gt * gh * gw, C * tp * p * p), [gt, gh, gw]
+
+
+@dataclass
+class Media:
+    """One row's visual input, after sampling, transform and resize: what the prompt and patcher consume."""
+    frames: torch.Tensor  # uint8 [T, 3, H, W]; an image is T = 1
+    kind: str  # "video" | "image"
+    fps: float = 2.0  # sampled fps (videos)
+
+
+def load_media(path: str, kind: str, nframes: int | None = None, max_frames: int = 16) -> Media:
+    """Read a row's video or image file into a Media (frames still at the file's resolution)."""
+    if kind == "video":
+        frames, fps = load_video(path, nframes=nframes, max_frames=max_frames)
+        return Media(frames, "video", fps)
+    return Media(load_image(path), "image")
+
+
+def fit_media(media: Media, spec: VisionSpec, min_pixels: int, max_pixels: int) -> Media:
+    """Resize every frame to smart_resize's grid (call after the pretext transform: rotation changes H, W)."""
+    h, w = smart_resize(*media.frames.shape[-2:], factor=spec.factor, min_pixels=min_pixels, max_pixels=max_pixels)
+    return Media(resize_frames(media.frames, h, w), media.kind, media.fps)
+
+
+def vision_inputs(media: Media, spec: VisionSpec) -> dict:
+    """Model kwargs for one fitted Media: pixel tensor, its grid and (Qwen2.5-VL) seconds per temporal patch."""
+    pixels, grid = patchify(media.frames, spec)
+    if media.kind == "image":
+        return {"pixel_values": pixels, "image_grid_thw": torch.tensor([grid])}
+    out = {"pixel_values_videos": pixels, "video_grid_thw": torch.tensor([grid])}
+    if spec.model_type == "qwen2_5_vl":
+        # M-RoPE spaces temporal positions by real time: tokens_per_second · temporal_patch / fps
+        out["second_per_grid_ts"] = torch.tensor([spec.temporal_patch_size / media.fps])
+    return out
+
+
+def num_vision_tokens(grid: list[int], spec: VisionSpec) -> int:
+    """LLM placeholder tokens for one grid: t · h · w / merge² (2x2 patches merge into one token)."""
+    t, h, w = grid
+    return t * h * w // spec.merge_size ** 2
+
+def prompt_ids(tokenizer, text: str, media: Media | None, spec: VisionSpec | None = None,
+               grid: list[int] | None = None) -> tuple[list[int], list[int]]:
+    """Token ids of a one-turn chat (media first, then text) and their mm_token_type_ids (0 text, 1 image, 2 video).
+
+    The tokenizer's own chat template renders one placeholder per medium; it is expanded here to one pad
+    token per merged patch, as the HF processors do. Qwen3-VL instead splits a video into one block per
+    temporal patch, each preceded by its timestamp "<t seconds>" (taken here as frame index / sampled fps).
+    transformers builds 3-D M-RoPE positions only when mm_token_type_ids comes with the grids: pass both.
+    """
+    content = ([{"type": media.kind}] if media is not None else []) + [{"type": "text", "text": text}]
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                         add_generation_prompt=True)
+    ids = tokenizer(chat, add_special_tokens=False)["input_ids"]
+    if media is None:
+        return ids, [0] * len(ids)
+    pad = spec.video_token_id if media.kind == "video" else spec.image_token_id
+    if ids.count(pad) != 1:
+        raise ValueError(f"the chat template rendered {ids.count(pad)} {media.kind} placeholders, expected 1")
+    i, kind = ids.index(pad), 2 if media.kind == "video" else 1
+    n = num_vision_tokens(grid, spec)
+    lo, hi = i, i + 1  # the span of `ids` the expansion replaces
+    if spec.model_type == "qwen3_vl" and media.kind == "video":
+        # one "<t seconds><|vision_start|>pads<|vision_end|>" block per temporal patch, replacing the template's
+        # own start/pad/end triple; get_rope_index gives each contiguous run of video pads one temporal patch
+        lo, hi = i - 1, i + 2
+        t, per_frame = grid[0], n // grid[0]
+        block, types = [], []
+        for k in range(t):  # timestamp of a temporal patch = mean time of its frames
+            stamp = (k * spec.temporal_patch_size + (spec.temporal_patch_size - 1) / 2) / media.fps
+            words = tokenizer(f"<{stamp:.1f} seconds>", add_special_tokens=False)["input_ids"]
+            block += words + [ids[lo]] + [pad] * per_frame + [ids[hi - 1]]
+            types += [0] * (len(words) + 1) + [kind] * per_frame + [0]
+    else:
+        block, types = [pad] * n, [kind] * n
+    return ids[:lo] + block + ids[hi:], [0] * lo + types + [0] * (len(ids) - hi)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pretext transforms (SPEC §2): applied after frame sampling, before resizing and patching
+# ---------------------------------------------------------------------------------------------------------
+
+LETTERS = "ABCDEF"
+PAIRS = [(1, 2), (1, 3), (1, 4), (2, 3), (2, 4), (3, 4)]  # shuffle / puzzle options A..F (1-based parts)
+ROTATIONS = [0, 90, 180, 270]  # rotate options A..D, degrees counter-clockwise
+FLIPS = ["no flip", "horizontal flip (left-right)", "vertical flip (top-bottom)"]  # flip options A..C
+PRETEXT_TASKS = {"video": ("rotate", "arrow", "shuffle"), "image": ("rotate", "flip", "puzzle")}
+NUM_OPTIONS = {"rotate": 4, "arrow": 2, "shuffle": 6, "flip": 3, "puzzle": 6}
+ARROW_REVERSE_P = 0.55  # the release reverses a clip with probability 0.55
+
+
+def _swap_groups(frames: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    """Cut the time axis into 4 equal consecutive groups and swap groups a and b (1-based)."""
+    T = frames.shape[0]
+    if T % 4:
+        raise ValueError(f"shuffle needs a frame count divisible by 4, got {T} frames")
+    groups = list(frames.split(T // 4))
+    groups[a - 1], groups[b - 1] = groups[b - 1], groups[a - 1]
+    return torch.cat(groups)
+
+
+def _swap_tiles(frames: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    """2x2 jigsaw: crop to 2·(H//2) x 2·(W//2), tiles 1 TL, 2 TR, 3 BL, 4 BR, swap tiles a and b."""
+    h, w = frames.shape[-2] // 2, frames.shape[-1] // 2
+    tiles = [frames[..., r * h:(r + 1) * h, c * w:(c + 1) * w] for r in (0, 1) for c in (0, 1)]
+    tiles[a - 1], tiles[b - 1] = tiles[b - 1], tiles[a - 1]
+    return torch.cat([torch.cat(tiles[:2], -1), torch.cat(tiles[2:], -1)], -2)
+
+
+def apply_pretext(frames: torch.Tensor, task: str, option: int) -> torch.Tensor:
+    """Transform uint8 frames [T, 3, H, W] (an image: T = 1) by pretext `task` with 0-based `option`.
+
+    rotate: option k turns every frame k·90° counter-clockwise (90/270 swap H and W: the canvas expands).
+    arrow: option 1 reverses the frame order.  shuffle: swap two of 4 frame groups, PAIRS[option].
+    flip: 1 left-right, 2 top-bottom.  puzzle: swap two of 4 tiles, PAIRS[option].
+    """
+    if task not in NUM_OPTIONS or not 0 <= option < NUM_OPTIONS[task]:
+        raise ValueError(f"unknown pretext task/option {task!r}/{option}")
+    if task == "rotate":
+        return torch.rot90(frames, option, dims=(-2, -1)).contiguous()  # k>0 turns from H towards W: CCW
+    if task == "arrow":
+        return frames.flip(0) if option == 1 else frames
+    if task == "shuffle":
+        return _swap_groups(frames, *PAIRS[option])
+    if task == "flip":
+        return {0: frames, 1: frames.flip(-1), 2: frames.flip(-2)}[option]
+    return _swap_tiles(frames, *PAIRS[option])  # puzzle
+
+
+def invert_pretext(frames: torch.Tensor, task: str, option: int) -> torch.Tensor:
+    """The inverse transform ("the restored video"): every task is its own inverse except rotation."""
+    if task == "rotate":
+        return apply_pretext(frames, "rotate", (4 - option) % 4)
+    return apply_pretext(frames, task, option)
+
+
+def sample_pretext(kind: str, tasks: tuple, rng: random.Random) -> tuple[str, int]:
+    """Draw (task, 0-based option) for one sample: a task uniformly among the enabled tasks of its modality,
+    then an option uniformly, except `arrow`, which reverses with probability 0.55."""
+    enabled = [t for t in PRETEXT_TASKS[kind] if t in tasks]
+    if not enabled:
+        raise ValueError(f"no pretext task enabled for {kind} rows (enabled: {tasks})")
+    task = rng.choice(enabled)
+    if task == "arrow":
+        return task, int(rng.random() < ARROW_REVERSE_P)
+    return task, rng.randrange(NUM_OPTIONS[task])
+
+
+def pretext_options(task: str, num_frames: int = 32) -> list[str]:
+    """The lettered options of a pretext question, e.g. ["A. 0 degrees (no rotation)", ...]."""
+    if task == "rotate":
+        texts = ["0 degrees (no rotation)", "90 degrees", "180 degrees", "270 degrees"]
+    elif task == "arrow":
+        texts = ["not reversed (original order)", "reversed"]
+    elif task == "shuffle":
+        g = num_frames // 4  # frame ranges named from the real frame count (departure 1)
+        span = [f"frames {i * g + 1}-{(i + 1) * g}" for i in range(4)]
+        texts = [f"group {a} ({span[a - 1]}) and group {b} ({span[b - 1]})" for a, b in PAIRS]
+    elif task == "flip":
+        texts = FLIPS
+    else:
+        names = ["top-left", "top-right", "bottom-left", "bottom-right"]
+        texts = [f"patch {a} ({names[a - 1]}) and patch {b} ({names[b - 1]})" for a, b in PAIRS]
+    return [f"{LETTERS[i]}. {t}" for i, t in enumerate(texts)]
+
+
+def pretext_question(task: str, num_frames: int = 32) -> str:
+    """One sentence stating the transformation task, then its lettered options (one per line)."""
+    if task == "shuffle" and num_frames % 4:
+        raise ValueError(f"shuffle needs a frame count divisible by 4, got {num_frames}")
+    g = num_frames // 4
+    stem = {
+        "rotate": ("Every frame of this video was" if num_frames > 1 else "This image was") + " rotated "
+                  "counter-clockwise by one of the angles below (0 degrees means no rotation). Which rotation was "
+                  "applied?",
+        "arrow": "This video may have been played backwards. Is its frame order reversed?",
+        "shuffle": f"The {num_frames} frames of this video were cut into four consecutive groups of {g} frames "
+                   f"and two of the groups swapped places. Which two groups were swapped?",
+        "flip": "This image may have been flipped. Which flip was applied?",
+        "puzzle": "This image was cut into a 2x2 grid of patches (1 top-left, 2 top-right, 3 bottom-left, "
+                  "4 bottom-right) and two patches swapped places. Which two patches were swapped?",
+    }[task]
+    return stem + "\nOptions:\n" + "\n".join(pretext_options(task, num_frames))
+
+# ---------------------------------------------------------------------------------------------------------
+# Prompts (SPEC §3): one user turn, media first, then text; no system prompt
+# ---------------------------------------------------------------------------------------------------------
+
+THINK_PARAGRAPH = (
+    "Please think about this question as a person would while working it out in their head: hold an inner "
+    "dialogue, use phrases such as \"let me think\", \"wait\", \"Hmm\", \"oh, I see\", \"let's break it "
+    "down\", and question and check your own steps before you settle on an answer."
+)
+TYPE_INSTRUCTION = {
+    "multiple choice": "Please give only the single option letter (e.g., A, B, C, D) within the <answer> </answer> tags.",
+    "numerical": "Please give the numerical value (e.g., 42 or 3.14) within the <answer> </answer> tags.",
+    "regression": "Please give the numerical value (e.g., 42 or 3.14) within the <answer> </answer> tags.",
+    "OCR": "Please transcribe the text within the <answer> </answer> tags.",
+    "free-form": "Please give your text answer within the <answer> </answer> tags.",
+}
+PRETEXT_FOCUS = {
+    "rotate": "Look at spatial cues such as the direction of gravity, the horizon, text and upright objects.",
+    "flip": "Look at spatial cues such as text direction, handedness and the position of the sky and ground.",
+    "puzzle": "Look at spatial cues: edges, lines and objects that should continue across patch borders.",
+    "arrow": "Look at the temporal order: whether the motion and causality run forwards or backwards in time.",
+    "shuffle": "Look at temporal continuity: where the motion jumps between groups of frames.",
+}
+
+
+def user_question(row: dict) -> str:
+    """The question as shown to the model: multiple choice appends "Options:" and one option per line."""
+    if row["problem_type"] == "multiple choice":
+        return row["problem"] + "Options:\n" + "\n".join(row["options"])
+    return row["problem"]
+
+
+def r1_prompt(row: dict) -> str:
+    """Video-R1's prompt: question, inner-dialogue paragraph, <think>/<answer> contract, type instruction."""
+    return (f"{user_question(row)}\n{THINK_PARAGRAPH}\nProvide your detailed reasoning between the <think> "
+            f"</think> tags, and then give your final answer between the <answer> </answer> tags.\n"
+            f"{TYPE_INSTRUCTION[row['problem_type']]}")
+
+
+def pretext_prompt(task: str, num_frames: int) -> str:
+    """Pretext-GRPO prompt: the pretext question, a focus hint, and the multiple-choice answer contract."""
+    return (f"{pretext_question(task, num_frames)}\n{PRETEXT_FOCUS[task]}\n{THINK_PARAGRAPH}\nProvide your "
+            f"detailed reasoning between the <think> </think> tags, and then give your final answer between "
+            f"the <answer> </answer> tags.\n{TYPE_INSTRUCTION['multiple choice']}")
+
+
+def viss_prompt(row: dict, task: str, num_frames: int) -> str:
+    """ViSS-R1 prompt: transformed-media header, two progressive questions, 3-tag output contract."""
+    media = "video" if row["data_type"] == "video" else "image"
+    return (
+        f"The {media} you see has been transformed. Answer two progressive questions about it:\n"
+        f"(1) Transformation Identification: which transformation was applied to the {media}?\n"
+        f"(2) User Question: answer the question on the basis of the restored {media}, that is, the {media} "
+        f"after undoing the transformation. Think even more deeply for this one.\n"
+        f"{THINK_PARAGRAPH}\n"
+        f"Write your reasoning between <think> </think>, then the letter of the transformation between "
+        f"<transform> </transform>, then the answer to the user question between <answer> </answer>, "
+        f"exactly like this:\n<think> ... </think>\n<transform> ... </transform>\n<answer> ... </answer>\n"
+        f"Rules: reason from the visual input; put only the option letter inside <transform> </transform>; "
+        f"{TYPE_INSTRUCTION[row['problem_type']]}\n"
+        f"Transform question: {pretext_question(task, num_frames)}\n"
+        f"User Question: {user_question(row)}"
+    )
+
+# ---------------------------------------------------------------------------------------------------------
+# Rewards (SPEC §4): completion text -> float, all pure functions
+# ---------------------------------------------------------------------------------------------------------
+
+FORMAT_R1 = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
+FORMAT_VISS = re.compile(r"<think>.*?</think>\s*<transform>.*?</transform>\s*<answer>.*?</answer>", re.DOTALL)
+LENGTH_RANGE = {"r1": (320, 512), "pretext": (320, 512), "viss": (320, 768)}
+
+
+def extract_tag(text: str, tag: str = "answer") -> str:
+    """Stripped content of the first <tag>...</tag>, or "" if there is none.
+
+    >>> extract_tag("<think>x</think><answer> B </answer>")
+    'B'
+    """
+    m = re.search(rf"<{tag}>\s*(.*?)\s*</{tag}>", text, re.DOTALL)
+    return m.group(1).strip() if m else ""
+
+
+def format_reward(completion: str, with_transform: bool = False) -> float:
+    """1.0 iff the whole completion is <think>..</think> [<transform>..</transform>] <answer>..</answer>."""
+    return 1.0 if (FORMAT_VISS if with_transform else FORMAT_R1).fullmatch(completion) else 0.0
+
+
+def _to_float(s: str) -> float | None:
+    try:
+        return float(s.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    """Word-level Levenshtein distance / max(1, number of reference words)."""
+    ref, hyp = reference.split(), hypothesis.split()
+    prev = list(range(len(hyp) + 1))  # one row of the edit-distance table at a time
+    for i, r in enumerate(ref, 1):
+        cur = [i]
+        for j, h in enumerate(hyp, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h)))
+        prev = cur
+    return prev[-1] / max(1, len(ref))
+
+
+def _rouge_tokens(text: str) -> list[str]:
+    """rouge-score's default tokenizer without stemming: lowercase, non-alphanumerics -> space, split."""
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
+
+
+def _f1(overlap: int, n_pred: int, n_ref: int) -> float:
+    p, r = overlap / max(n_pred, 1), overlap / max(n_ref, 1)
+    return 2 * p * r / (p + r) if p + r > 0 else 0.0
+
+
+def rouge_f(reference: str, prediction: str) -> float:
+    """Mean of ROUGE-1, ROUGE-2 and ROUGE-L F-measures (departure 3: no Porter stemmer)."""
+    ref, pred = _rouge_tokens(reference), _rouge_tokens(prediction)
+    scores = []
+    for n in (1, 2):
+        rc: dict = {}
+        for g in zip(*[ref[i:] for i in range(n)]):
+            rc[g] = rc.get(g, 0) + 1
+        pg = list(zip(*[pred[i:] for i in range(n)]))
+        overlap = 0
+        for g in pg:  # clipped n-gram matches
+            if rc.get(g, 0) > 0:
+                rc[g] -= 1
+                overlap += 1
+        scores.append(_f1(overlap, len(pg), max(len(ref) - n + 1, 0)))
+    lcs = [[0] * (len(pred) + 1) for _ in range(len(ref) + 1)]  # longest common subsequence for ROUGE-L
+    for i, r in enumerate(ref):
+        for j, p in enumerate(pred):
+            lcs[i + 1][j + 1] = lcs[i][j] + 1 if r == p else max(lcs[i][j + 1], lcs[i + 1][j])
+    scores.append(_f1(lcs[-1][-1], len(pred), len(ref)))
+    return sum(scores) / 3
+
+
+def accuracy_reward(completion: str, solution: str, problem_type: str) -> float:
+    """Score the <answer> of `completion` against the <answer> of `solution`, by problem type (SPEC §4)."""
+    pred, gt = extract_tag(completion), extract_tag(solution)
+    if problem_type == "multiple choice":
+        return 1.0 if pred.strip() == gt.strip() else 0.0  # exact: "A." or "(A)" score 0
+    if problem_type == "numerical":
+        if ("." in gt or "," in gt) != ("." in pred or "," in pred):
+            return 0.0  # one is decimal, the other is not
+        g, p = _to_float(gt), _to_float(pred)
+        return 1.0 if g is not None and p is not None and round(g, 2) == round(p, 2) else 0.0
+    if problem_type == "OCR":
+        return min(1.0, max(0.0, 1.0 - word_error_rate(gt, pred)))
+    if problem_type == "free-form":
+        return min(1.0, max(0.0, rouge_f(gt, pred)))
+    if problem_type == "regression":
+        g, p = _to_float(gt), _to_float(pred)
+        if g is None or p is None:
+            return 0.0
+        return 1.0 - min(1.0, (abs(p - g) + 1e-9) / (abs(g) + 1e-9))
+    return 0.0
+
+
+def transform_reward(completion: str, gt_letter: str) -> float:
+    """ViSS-R1's transformation reward: 0.5 if the <transform> letter is the applied one, else 0."""
+    return 0.5 if extract_tag(completion, "transform") == gt_letter else 0.0
+
+
+def length_bonus(accuracies: list[float], lengths: list[int], low: int, high: int) -> list[float]:
+    """+0.2 for each completion of one group with accuracy > 0.1 and low <= length <= high tokens, but only
+    when more than one completion of the group is accurate (rewarding long answers only among good ones).
+
+    >>> length_bonus([1, 1, 0], [400, 100, 400], 320, 512)
+    [0.2, 0.0, 0.0]
+    """
+    good = [a > 0.1 for a in accuracies]
+    if sum(good) <= 1:
+        return [0.0] * len(accuracies)
+    return [0.2 if g and low <= n <= high else 0.0 for g, n in zip(good, lengths)]
+
+
+def temporal_bonus(acc_ordered: list[float], acc_shuffled: list[float]) -> list[float]:
+    """T-GRPO: +0.3 for each accurate (> 0.1) completion on ordered frames when the group's mean accuracy on
+    ordered frames is at least 0.8x its mean accuracy on randomly permuted frames."""
+    mean_o = sum(acc_ordered) / len(acc_ordered)
+    mean_s = sum(acc_shuffled) / max(1, len(acc_shuffled))
+    if mean_o < 0.8 * mean_s:
+        return [0.0] * len(acc_ordered)
+    return [0.3 if a > 0.1 else 0.0 for a in acc_ordered]
+
+
+def group_rewards(completions: list[str], lengths: list[int], solution: str, problem_type: str,
+                  mode: str = "r1", gt_letter: str | None = None, use_length_bonus: bool = True,
+                  acc_shuffled: list[float] | None = None) -> tuple[list[float], dict[str, list[float]]]:
+    """All rewards of one group of completions -> (totals, {component: values}); total = plain sum.
+
+    mode "r1": accuracy + format;  "pretext": the pretext letter is the solution (multiple choice);
+    "viss": accuracy + 0.5·transform + 3-tag format.  Length bonus on by default, T-GRPO bonus when
+    `acc_shuffled` (accuracies of the completions on permuted frames) is given.
+    """
+    parts = {"accuracy": [accuracy_reward(c, solution, problem_type) for c in completions],
+             "format": [format_reward(c, with_transform=mode == "viss") for c in completions]}
+    if mode == "viss":
+        parts["transform"] = [transform_reward(c, gt_letter) for c in completions]
+    if use_length_bonus:
+        parts["length"] = length_bonus(parts["accuracy"], lengths, *LENGTH_RANGE[mode])
+    if acc_shuffled is not None:
+        parts["temporal"] = temporal_bonus(parts["accuracy"], acc_shuffled)
+    totals = [sum(vals) for vals in zip(*parts.values())]
+    return totals, parts
+
+# ---------------------------------------------------------------------------------------------------------
+# GRPO math (SPEC §5): advantages, memory-safe token log-probs, clipped loss with k3 KL
+# ---------------------------------------------------------------------------------------------------------
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
+    """A_i = (R_i - mean(group)) / (std + 1e-4), groups of `group_size` contiguous completions.
+
+    scale: "group" (std of each group, Bessel-corrected: the paper), "batch" (one std over all rewards),
+    "none" (centred only). A group whose rewards are all equal gets advantages of exactly 0.
+    >>> group_advantages(torch.tensor([1., 0., 0., 0.]), 4)
+    tensor([ 1.4997, -0.4999, -0.4999, -0.4999])
+    """
+    if group_size < 2 or rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards cannot form groups of {group_size} (need G >= 2)")
+    grouped = rewards.view(-1, group_size)
+    centred = (grouped - grouped.mean(1, keepdim=True)).flatten()
+    if scale == "group":
+        return centred / (grouped.std(1).repeat_interleave(group_size) + 1e-4)
+    if scale == "batch":
+        return centred / (rewards.std() + 1e-4)
+    if scale == "none":
+        return centred
+    raise ValueError(f"scale_rewards must be group, batch or none, got {scale!r}")
+
+
+def _chunk_logp(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                temperature: float) -> torch.Tensor:
+    logits = (hidden @ weight.T).float() / temperature  # [n, V], float32 only for this chunk
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
+
+
+def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                   chunk_size: int = 1024) -> torch.Tensor:
+    """log softmax(h·Wᵀ / τ)[target] for each position, never holding [N, vocab] float32 logits at once.
+
+    hidden [..., D] (the states that predict `targets`), weight [V, D] (lm_head), targets [...] -> float32 [...].
+    Each chunk is recomputed during backward (activation checkpointing), so backward also peaks at one chunk:
+    with Qwen's 151,936-token vocabulary, full float32 logits for 8 x 768 completion tokens are 3.7 GB.
+    """
+    shape, h, t = targets.shape, hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    out = []
+    for i in range(0, t.numel(), chunk_size):
+        args = (h[i:i + chunk_size], weight, t[i:i + chunk_size], temperature)
+        if grad:
+            out.append(torch.utils.checkpoint.checkpoint(_chunk_logp, *args, use_reentrant=False))
+        else:
+            out.append(_chunk_logp(*args))
+    return torch.cat(out).view(shape) if out else hidden.new_zeros(shape, dtype=torch.float32)
+
+
+def completion_mask(completion_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """1 for completion tokens up to and including the first EOS, 0 after it: [B, L] -> [B, L] float."""
+    is_eos = completion_ids == eos_id
+    after = (is_eos.cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
+    return (~after).float()
+
+
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+              ref_logp: torch.Tensor | None = None, beta: float = 0.0, eps_low: float = 0.2,
+              eps_high: float = 0.2, loss_type: str = "grpo",
+              max_completion_length: int | None = None) -> tuple[torch.Tensor, dict]:
+    """Clipped GRPO surrogate with an optional k3 KL penalty, per-token tensors [B, L], advantages [B].
+
+    l_t = -min(r_t·A, clip(r_t, 1-eps_low, 1+eps_high)·A) + beta·(exp(x) - x - 1),  r_t = exp(logp - old_logp),
+    x = ref_logp - logp (clamped to [-10, 10] as in the release; only extreme mismatches reach the clamp).
+    Aggregation (TRL's names): grpo = mean over sequences of the per-sequence token mean (the paper);
+    bnpo = token mean over the batch; dr_grpo = sum / (B · max_completion_length);
+    dapo = sum / (completion tokens summed over all ranks / world size).
+    """
+    ratio = torch.exp(logp - old_logp)
+    A = advantages[:, None]
+    per_token = -torch.min(ratio * A, ratio.clamp(1 - eps_low, 1 + eps_high) * A)
+    kl = None
+    if beta > 0:
+        if ref_logp is None:
+            raise ValueError("beta > 0 needs ref_logp")
+        x = (ref_logp - logp).clamp(-10, 10)
+        kl = torch.exp(x) - x - 1
+        per_token = per_token + beta * kl
+    m = mask.to(per_token.dtype)
+    if loss_type == "grpo":
+        loss = ((per_token * m).sum(1) / m.sum(1).clamp(min=1)).mean()
+    elif loss_type == "bnpo":
+        loss = (per_token * m).sum() / m.sum().clamp(min=1)
+    elif loss_type == "dr_grpo":
+        loss = (per_token * m).sum() / (m.shape[0] * (max_completion_length or m.shape[1]))
+    elif loss_type == "dapo":
+        tokens = m.sum().detach()
+        world = 1
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+            torch.distributed.all_reduce(tokens)  # global token count, so every rank divides by the same
+        loss = (per_token * m).sum() / (tokens / world).clamp(min=1)
+    else:
+        raise ValueError(f"loss_type must be grpo, bnpo, dr_grpo or dapo, got {loss_type!r}")
+    with torch.no_grad():  # logging only
+        n = m.sum().clamp(min=1)
+        low = ((ratio < 1 - eps_low) & (A < 0)).float()
+        high = ((ratio > 1 + eps_high) & (A > 0)).float()
+        stats = {"clip_ratio/low_mean": ((low * m).sum() / n).item(),
+                 "clip_ratio/high_mean": ((high * m).sum() / n).item(),
+                 "clip_ratio/region_mean": (((low + high) * m).sum() / n).item(),
+                 "kl": ((kl * m).sum() / n).item() if kl is not None else 0.0}
+    return loss, stats
+
+# ---------------------------------------------------------------------------------------------------------
+# Data (SPEC §7): Video-R1 JSON / JSONL rows, validated before the first step
+# ---------------------------------------------------------------------------------------------------------
+
+PROBLEM_TYPES = ("multiple choice", "numerical", "OCR", "free-form", "regression")
+REQUIRED_FIELDS = ("problem", "data_type", "problem_type", "solution", "path")
+
+
+def validate_row(row, index: int, source: str) -> None:
+    """Raise ValueError naming the file, the row index and the problem for any row a step could choke on."""
+    def bad(msg):
+        raise ValueError(f"{source}: row {index}: {msg}")
+
+    if not isinstance(row, dict):
+        bad(f"expected a JSON object, got {type(row).__name__}")
+    missing = [k for k in REQUIRED_FIELDS if k not in row]
+    if missing:
+        bad(f"missing field(s) {', '.join(missing)}")
+    if row["data_type"] not in ("image", "video"):
+        bad(f"data_type must be 'image' or 'video', got {row['data_type']!r}")
+    if row["problem_type"] not in PROBLEM_TYPES:
+        bad(f"unknown problem_type {row['problem_type']!r} (expected one of {', '.join(PROBLEM_TYPES)})")
+    if not isinstance(row["solution"], str) or not re.search(r"<answer>.*?</answer>", row["solution"], re.DOTALL):
+        bad(f"solution must contain <answer>...</answer>, got {row['solution']!r}")
+    if row["problem_type"] == "multiple choice":
+        opts = row.get("options")
+        if not isinstance(opts, list) or not opts:
+            bad("multiple choice row without an 'options' list")
+        letters = []
+        for o in opts:
+            m = re.match(r"\s*([A-Z])\.", o) if isinstance(o, str) else None
+            if not m:
+                bad(f"option {o!r} does not start with a letter and a dot (\"A. ...\")")
+            letters.append(m.group(1))
+        answer = extract_tag(row["solution"])
+        if answer not in letters:
+            bad(f"solution letter {answer!r} is not one of the option letters {letters}")
+    if "trans_opt" in row:  # ViSS SFT rows replay a stored transform
+        task, ans = row["trans_opt"], row.get("trans_ans", "")
+        if task not in PRETEXT_TASKS[row["data_type"]]:
+            bad(f"trans_opt {task!r} is not a {row['data_type']} pretext task")
+        if len(ans) != 1 or LETTERS.find(ans) not in range(NUM_OPTIONS[task]):
+            bad(f"trans_ans {ans!r} is not an option letter of {task}")
+
+
+def load_rows(path: str) -> list[dict]:
+    """Read a Video-R1 JSON list or JSONL file and validate every row (errors name file, row and problem)."""
+    with open(path) as f:
+        text = f.read()
+    try:
+        rows = json.loads(text) if text.lstrip().startswith("[") else None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON: {e}") from None
+    if rows is None:  # JSONL: one object per non-empty line
+        rows = []
+        for i, line in enumerate(l for l in text.splitlines() if l.strip()):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: row {i}: not valid JSON: {e}") from None
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    for i, row in enumerate(rows):
+        validate_row(row, i, path)
+    return rows
+
+
+def resolve_path(path: str, media_root: str) -> str:
+    """A row's media path ("./videos/x.mp4") under the media root; absolute paths are kept."""
+    return path if os.path.isabs(path) else os.path.normpath(os.path.join(media_root, path))
+
+# ---------------------------------------------------------------------------------------------------------
+# Tiny models: a randomly initialised checkpoint of the real architecture, built offline (tests and --demo)
+# ---------------------------------------------------------------------------------------------------------
+
+QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                       "<|image_pad|>", "<|video_pad|>"]
+TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>", "<transform>", "</transform>"]
+# Qwen2-VL's chat template, minus its default system prompt (a real checkpoint brings its own template)
+TINY_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}{%- else -%}"
+    "{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'video' -%}{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
+    "{%- elif item['type'] == 'image' -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- else -%}{{- item['text'] -}}{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}")
+# Qwen2's pre-tokenizer split, so the byte-level BPE below behaves like the real tokenizer
+QWEN_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+              r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
+def build_tiny_tokenizer(corpus: list[str], vocab_size: int = 512):
+    """A byte-level BPE trained on `corpus` with Qwen's special tokens; the reasoning tags are single tokens."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer=trainer)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAG_TOKENS])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   chat_template=TINY_CHAT_TEMPLATE, padding_side="left")
+
+
+def build_tiny_checkpoint(out_dir: str, arch: str = "qwen2_5_vl", corpus: list[str] | None = None,
+                          hidden_size: int = 64, num_layers: int = 2, vision_hidden: int = 32,
+                          vision_depth: int = 2, seed: int = 0) -> str:
+    """Save a randomly initialised Qwen2-VL / Qwen2.5-VL / Qwen3-VL + tokenizer + preprocessor config to
+    `out_dir`, loadable with from_pretrained exactly like a downloaded checkpoint. Deterministic in `seed`."""
+    from transformers import AutoModelForImageTextToText, GenerationConfig
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
+
+    import string
+    base = [string.ascii_letters, string.digits, string.punctuation, pretext_prompt("rotate", 16),
+            viss_prompt({"data_type": "video", "problem_type": "multiple choice", "problem": "",
+                         "options": []}, "shuffle", 16)]
+    tokenizer = build_tiny_tokenizer((corpus or []) + base * 3)
+    tid = dict(zip(QWEN_SPECIAL_TOKENS, tokenizer.convert_tokens_to_ids(QWEN_SPECIAL_TOKENS)))
+    pad, eos = tid["<|endoftext|>"], tid["<|im_end|>"]
+    heads = 4
+    half = hidden_size // heads // 2  # M-RoPE sections split head_dim / 2 between time, height, width
+    text = dict(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=2,
+                max_position_embeddings=32768, pad_token_id=pad)
+    vision = dict(depth=vision_depth, num_heads=2, patch_size=16 if arch == "qwen3_vl" else 14,
+                  temporal_patch_size=2, spatial_merge_size=2)
+    if arch == "qwen3_vl":
+        hw = half * 5 // 16  # real ratio 24:20:20
+        text.update(head_dim=2 * half, rope_parameters=dict(rope_type="default", rope_theta=5e6,
+                    mrope_section=[half - 2 * hw, hw, hw], mrope_interleaved=True))
+        vision.update(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, out_hidden_size=hidden_size,
+                      deepstack_visual_indexes=list(range(min(vision_depth, num_layers, 3))))
+        cls, mean, std = Qwen3VLConfig, [0.5] * 3, [0.5] * 3
+    else:
+        hw = half * 3 // 8  # real ratio 16:24:24
+        text.update(bos_token_id=pad, eos_token_id=eos, rope_parameters=dict(
+            rope_type="default", rope_theta=1e6, mrope_section=[half - 2 * hw, hw, hw]))
+        if arch == "qwen2_vl":
+            vision.update(embed_dim=vision_hidden, hidden_size=hidden_size, mlp_ratio=4)
+            cls = Qwen2VLConfig
+        else:  # tokens_per_second=2 as the released checkpoints (the config class defaults to 4)
+            vision.update(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, tokens_per_second=2,
+                          out_hidden_size=hidden_size, fullatt_block_indexes=[vision_depth - 1])
+            cls = Qwen2_5_VLConfig
+        mean, std = list(OPENAI_CLIP_MEAN), list(OPENAI_CLIP_STD)
+    config = cls(text_config=text, vision_config=vision, image_token_id=tid["<|image_pad|>"],
+                 video_token_id=tid["<|video_pad|>"], vision_start_token_id=tid["<|vision_start|>"],
+                 vision_end_token_id=tid["<|vision_end|>"], tie_word_embeddings=False)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = pad, eos, pad
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    model.generation_config = GenerationConfig(bos_token_id=pad, eos_token_id=[eos, pad], pad_token_id=pad)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
+        json.dump(dict(image_mean=mean, image_std=std, patch_size=vision["patch_size"], temporal_patch_size=2,
+                       merge_size=2, image_processor_type="Qwen2VLImageProcessor"), f, indent=2)
+    return out_dir
