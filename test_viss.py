@@ -26,17 +26,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # ---------------------------------------------------------------------------------------------------------
 
 def write_y4m(path, frames, fps=10):
-    """uint8 RGB frames [T, 3, H, W] -> a .y4m file (BT.601 limited-range YUV 4:4:4).
-    decord 0.6 fails to copy out y4m frames of some widths (8-24, 48, 72 seen); 32, 40, 56, 64, 80+ work."""
-    T, _, H, W = frames.shape
-    with open(path, "wb") as f:
-        f.write(f"YUV4MPEG2 W{W} H{H} F{fps}:1 Ip A1:1 C444\n".encode())
-        for fr in np.asarray(frames, dtype=np.float64):
-            r, g, b = fr
-            y = 16 + (65.481 * r + 128.553 * g + 24.966 * b) / 255
-            u = 128 + (-37.797 * r - 74.203 * g + 112.0 * b) / 255
-            v = 128 + (112.0 * r - 93.786 * g - 18.214 * b) / 255
-            f.write(b"FRAME\n" + np.clip(np.round(np.stack([y, u, v])), 0, 255).astype(np.uint8).tobytes())
+    """decord 0.6 fails to copy out y4m frames of some widths (8-24, 48, 72 seen); 32, 40, 56, 64, 80+ work."""
+    V.write_y4m(path, frames, fps)
 
 
 def mc_row(**kw):
@@ -656,3 +647,219 @@ def test_mm_token_type_ids_select_3d_positions(tiny):
     with torch.no_grad():
         flat = model(input_ids=torch.tensor([ids]), **vis).logits
     assert not torch.allclose(flat, logits, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the training loop (issue: stages end to end, shared-prefix rollout, resume, broken media)
+# ---------------------------------------------------------------------------------------------------------
+
+SMALL = ["--nframes", "4", "--min_pixels", "3136", "--max_pixels", "3136", "--num_generations", "4",
+         "--per_device_prompts", "2", "--max_completion_length", "8", "--log_rollouts_every", "1"]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """Synthetic clips (real .y4m files), Video-R1 rows, and a tiny random Qwen2.5-VL on disk."""
+    root = tmp_path_factory.mktemp("demo")
+    rl, sft = V.write_demo_data(str(root / "data"), n=16, size=56)
+    base = V.build_tiny_checkpoint(str(root / "base"), "qwen2_5_vl")
+    return {"root": root, "rl": rl, "sft": sft, "base": base, "media": str(root / "data")}
+
+
+def run_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, os.path.join(HERE, "viss_r1.py"), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+
+def read_metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("stage,extra,keys", [
+    ("sft", [], ["loss"]),
+    ("pretext", ["--pretext_tasks", "arrow"], ["rewards/accuracy/mean", "rewards/format/mean", "kl"]),
+    ("viss", ["--pretext_tasks", "rotate,arrow,shuffle,flip,puzzle", "--bf16", "--gradient_checkpointing"],
+     ["rewards/transform/mean"]),
+    ("grpo", ["--temporal", "--num_iterations", "2", "--loss_type", "dr_grpo"], ["rewards/temporal/mean"]),
+])
+def test_one_step_of_each_stage_through_the_cli(demo, tmp_path, stage, extra, keys):
+    out = tmp_path / stage
+    data = demo["sft"] if stage == "sft" else demo["rl"]
+    r = run_cli("--stage", stage, "--model", demo["base"], "--data", data, "--media_root", demo["media"],
+                "--out", out, "--max_steps", 1, *SMALL, *extra)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (m,) = read_metrics(out)
+    assert m["step"] == 1 and math.isfinite(m["loss"]) and all(k in m for k in keys)
+    assert "step 1/1" in r.stdout + r.stderr
+    if stage != "sft":
+        assert 0 <= m["frac_reward_zero_std"] <= 1 and m["completions/mean_length"] <= 8
+        dumped = [json.loads(line) for line in open(out / "rollouts.jsonl")]
+        assert len(dumped) == 2 * 4  # 2 prompts x G = 4
+    # the output directory is a plain HF checkpoint
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    AutoTokenizer.from_pretrained(out)
+    saved = AutoModelForImageTextToText.from_pretrained(out / "step-000001")
+    meta = json.load(open(out / "step-000001" / "meta.json"))
+    assert meta["step"] == 1 and meta["args"]["stage"] == stage
+    name, p = next(iter(model.state_dict().items()))
+    assert torch.equal(p, saved.state_dict()[name])
+
+
+@pytest.fixture(scope="module")
+def loaded(demo):
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+    model = AutoModelForImageTextToText.from_pretrained(demo["base"]).eval()
+    tok = AutoTokenizer.from_pretrained(demo["base"])
+    spec = V.vision_spec(model.config, demo["base"])
+    return model, tok, spec
+
+
+def _sample(demo, loaded, stage="viss", row=0, extra=()):
+    import random
+    model, tok, spec = loaded
+    args = V.parse_args(["--stage", stage, "--media_root", demo["media"], *SMALL, *extra])
+    return V.make_sample(V.load_rows(demo["rl"])[row], args, spec, tok, random.Random(0))
+
+
+def _eos(tok, model):
+    return [tok.eos_token_id] + [e for e in model.generation_config.eos_token_id if e != tok.eos_token_id]
+
+
+@pytest.mark.parametrize("kind", ["video", "image"])
+def test_shared_prefix_greedy_equals_generate(demo, loaded, kind):
+    model, tok, spec = loaded
+    s = _sample(demo, loaded)
+    if kind == "image":  # the same row as a still image (first frame, rotated: non-square after a turn)
+        media = V.fit_media(V.Media(V.apply_pretext(rand_frames(1, 56, 84), "rotate", 1), "image"), spec, 3136, 6000)
+        vis = V.vision_inputs(media, spec)
+        ids, types = V.prompt_ids(tok, "Describe.", media, spec, vis["image_grid_thw"][0].tolist())
+        s = V.Sample(s.row, "r1", ids, types, vis, s.solution, s.problem_type)
+    eos, bias = _eos(tok, model), V.vocab_bias(model, spec, "cpu")
+    ours, _ = V.sample_group(model, s, 3, 12, 1.0, 1.0, eos, tok.pad_token_id, bias, greedy=True)
+    suppress = [i for i in range(bias.numel()) if bias[i] < 0]
+    ref = model.generate(input_ids=torch.tensor([s.ids]), mm_token_type_ids=torch.tensor([s.types]), **s.vis,
+                         max_new_tokens=12, do_sample=False, suppress_tokens=suppress, eos_token_id=eos,
+                         pad_token_id=tok.pad_token_id)[0, len(s.ids):]
+    mask = V.completion_mask(ours, eos)
+    for row in range(3):  # every member of the greedy group is the generate() output
+        n = int(mask[row].sum())
+        assert ours[row, :n].tolist() == ref[:n].tolist()
+        assert n == len(ref) or ref[n:].eq(tok.pad_token_id).all()
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.7])
+def test_sampling_logprobs_match_scoring_forward(demo, loaded, tau):
+    model, tok, spec = loaded
+    s = _sample(demo, loaded)
+    eos, bias = _eos(tok, model), V.vocab_bias(model, spec, "cpu")
+    gen = torch.Generator().manual_seed(0)
+    comp, lp = V.sample_group(model, s, 4, 16, tau, 1.0, eos, tok.pad_token_id, bias, gen)
+    mask = V.completion_mask(comp, eos)
+    with torch.no_grad():
+        scored = V.sequence_logprobs(model, s, comp, tau, bias)
+    assert ((lp - scored).abs() * mask).max() < 1e-4
+    vision = [model.config.image_token_id, model.config.video_token_id, model.config.vision_start_token_id]
+    assert not torch.isin(comp, torch.tensor(vision)).any()  # placeholders never sampled
+
+
+def test_top_p_and_temperature_sampling():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    gen = torch.Generator().manual_seed(0)
+    for top_p, expect in [(1.0, [0.5, 0.3, 0.15, 0.05]), (0.7, [0.625, 0.375, 0, 0]), (0.85, [0.5 / 0.95, 0.3 / 0.95,
+                                                                                              0.15 / 0.95, 0])]:
+        draws = torch.stack([V._sample_token(torch.log_softmax(logits.expand(4000, -1), -1), top_p, gen)
+                             for _ in range(5)]).flatten()
+        freq = torch.bincount(draws, minlength=4).float() / draws.numel()
+        assert torch.allclose(freq, torch.tensor(expect), atol=0.015), (top_p, freq)
+    sharp = torch.log_softmax(logits / 0.5, -1).exp()[0]  # temperature 0.5 squares and renormalises
+    p2 = torch.tensor([0.5, 0.3, 0.15, 0.05]) ** 2
+    assert torch.allclose(sharp, p2 / p2.sum(), atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def sft_ckpt(demo):
+    """A format-only SFT of the tiny model (random answers), in-process through train()."""
+    out = str(demo["root"] / "sft")
+    V.train(V.parse_args(["--stage", "sft", "--model", demo["base"], "--data", demo["sft"], "--media_root",
+                          demo["media"], "--out", out, "--nframes", "4", "--min_pixels", "3136", "--max_pixels",
+                          "3136", "--per_device_prompts", "8", "--learning_rate", "3e-3", "--max_steps", "40",
+                          "--save_steps", "1000"]))
+    return out
+
+
+def test_sft_loss_falls_and_rl_reward_rises(demo, sft_ckpt, tmp_path):
+    """A trivially learnable reward: every row's answer is "A". GRPO must move the policy towards it."""
+    rows = [dict(r, solution="<answer>A</answer>") for r in V.load_rows(demo["rl"])]
+    data = tmp_path / "all_a.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    sft_loss = [m["loss"] for m in read_metrics(sft_ckpt)]
+    assert sft_loss[-1] < 0.5 * sft_loss[0]
+    out = str(tmp_path / "grpo")
+    V.train(V.parse_args(["--stage", "grpo", "--model", sft_ckpt, "--data", str(data), "--media_root", demo["media"],
+                          "--out", out, "--nframes", "4", "--min_pixels", "3136", "--max_pixels", "3136",
+                          "--num_generations", "8", "--per_device_prompts", "4", "--max_completion_length", "16",
+                          "--learning_rate", "1e-3", "--max_steps", "25", "--temperature", "0.7", "--beta", "0",
+                          "--save_steps", "1000", "--log_rollouts_every", "0"]))
+    acc = [m["rewards/accuracy/mean"] for m in read_metrics(out)]
+    print(f"accuracy per step: {[round(a, 2) for a in acc]}")
+    assert np.mean(acc[-5:]) > np.mean(acc[:5]) + 0.25
+
+
+def test_resume_after_sigkill_matches_uninterrupted(demo, tmp_path):
+    import signal
+    import time
+    from safetensors.torch import load_file
+    common = ["--stage", "pretext", "--model", demo["base"], "--data", demo["rl"], "--media_root", demo["media"],
+              "--max_steps", 6, "--save_steps", 2, "--save_total_limit", 5, "--learning_rate", "1e-3", *SMALL]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_cli(*common, "--out", a).returncode == 0
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "viss_r1.py"), *map(str, common), "--out", str(b)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (b / "step-000002" / "meta.json").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (b / "step-000006").exists(), "the run finished before it could be killed"
+    r = run_cli(*common, "--out", b, "--resume")
+    assert r.returncode == 0 and "resumed from" in r.stdout + r.stderr, r.stderr[-2000:]
+    wa = load_file(a / "step-000006" / "model.safetensors")
+    wb = load_file(b / "step-000006" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    ra = [m["reward"] for m in read_metrics(a)]
+    rb = [m["reward"] for m in read_metrics(b)]
+    assert ra == rb and len(rb) == 6  # the resumed log has each step exactly once
+
+
+def test_broken_media_is_skipped_counted_and_named(demo, tmp_path):
+    rows = V.load_rows(demo["rl"])[:6]
+    (tmp_path / "broken.y4m").write_bytes(b"YUV4MPEG2 garbage" * 10)
+    rows[0] = dict(rows[0], path=str(tmp_path / "missing.y4m"))
+    rows[1] = dict(rows[1], path=str(tmp_path / "broken.y4m"))
+    data = tmp_path / "rows.json"
+    data.write_text(json.dumps(rows))
+    out = tmp_path / "out"
+    r = run_cli("--stage", "grpo", "--model", demo["base"], "--data", data, "--media_root", demo["media"],
+                "--out", out, "--max_steps", 3, "--seed", 1, *SMALL)
+    assert r.returncode == 0, r.stderr[-2000:]
+    log = r.stdout + r.stderr
+    for name in ("missing.y4m", "broken.y4m"):  # named once each, even when the row comes round again
+        assert sum("skipping row" in line and name in line for line in log.splitlines()) == 1
+    assert read_metrics(out)[-1]["skipped/media"] >= 2
+    # mostly broken data stops with a clear message
+    data.write_text(json.dumps([dict(rows[0], problem_id=i) for i in range(12)]))
+    r = run_cli("--stage", "grpo", "--model", demo["base"], "--data", data, "--media_root", demo["media"],
+                "--out", tmp_path / "out2", "--max_steps", 3, *SMALL)
+    assert r.returncode != 0 and "unreadable media" in r.stderr
+
+
+def test_malformed_data_stops_before_step_one(demo, tmp_path):
+    rows = V.load_rows(demo["rl"])[:3]
+    rows[2] = dict(rows[2], problem_type="essay")
+    data = tmp_path / "bad.json"
+    data.write_text(json.dumps(rows))
+    r = run_cli("--stage", "viss", "--model", demo["base"], "--data", data, "--out", tmp_path / "o", *SMALL)
+    assert r.returncode != 0 and "bad.json: row 2: unknown problem_type 'essay'" in r.stderr
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()

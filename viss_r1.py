@@ -42,6 +42,109 @@ import torch
 import torch.nn.functional as F
 
 # ---------------------------------------------------------------------------------------------------------
+# Config: one dataclass, one flag per field, stage presets in one table
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Args:
+    # what to train (flag names follow TRL / Video-R1)
+    stage: str = "viss"  # pretext | viss | grpo | sft (presets below)
+    model: str = "Qwen/Qwen2.5-VL-7B-Instruct"  # HF checkpoint (directory or hub name)
+    data: str = ""  # Video-R1 JSON / JSONL rows (SFT rows add `process`, ViSS SFT rows `trans_opt`/`trans_ans`)
+    media_root: str = "."  # rows' relative `path`s resolve under this folder
+    out: str = "out"  # checkpoints, metrics.jsonl, rollouts.jsonl
+    pretext_tasks: str = "rotate,arrow,shuffle,flip,puzzle"  # enabled tasks (the release's final video RL: arrow)
+    temporal: bool = False  # T-GRPO bonus (grpo stage, video rows): also sample G/2 on permuted frames
+    length_bonus: bool = True  # +0.2 for accurate completions of 320..512 (viss: 768) tokens
+    # rollout
+    num_generations: int = 8  # G completions per prompt, one group per prompt
+    per_device_prompts: int = 1  # prompts per process per step (the paper: 1 on each of 8 GPUs)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_completion_length: int = 768
+    # objective
+    learning_rate: float = 1e-6
+    weight_decay: float = 0.01
+    max_grad_norm: float = 5.0
+    warmup_steps: int = 0  # then cosine decay to 0 at max_steps
+    beta: float | None = None  # KL weight; None = stage preset (0 skips the reference model entirely)
+    epsilon: float = 0.2  # clip range below 1
+    epsilon_high: float | None = None  # clip range above 1 (None = epsilon)
+    num_iterations: int = 1  # optimizer updates per rollout (>1: stored old log-probs, real clipping)
+    loss_type: str = "grpo"  # grpo | bnpo | dr_grpo | dapo
+    scale_rewards: str = "group"  # group | batch | none
+    # media
+    nframes: int | None = None  # frames per clip (None = stage preset; 0 = sample at 2 fps up to --max_frames)
+    max_frames: int = 32
+    max_pixels: int = 128 * 28 * 28  # per frame
+    min_pixels: int = 4 * 28 * 28
+    # run
+    max_steps: int = 1000
+    save_steps: int = 100
+    save_total_limit: int = 2  # step checkpoints kept on disk
+    log_rollouts_every: int = 10  # print one rollout and dump the step's rollouts every N steps
+    seed: int = 42
+    resume: bool = False  # continue from the latest checkpoint in --out
+    gradient_checkpointing: bool = False
+    bf16: bool = False  # bf16 autocast; weights and AdamW state stay float32
+    max_bad_media: float = 0.2  # stop if more than this fraction of rows have unreadable media
+    max_nonfinite: int = 10  # stop after this many steps with a non-finite loss
+    demo: bool = False  # CPU demo: synthetic videos, tiny model, SFT -> Pretext-GRPO -> ViSS-R1 GRPO
+
+
+# The paper's settings per stage (SPEC §1, §4-§6): every other default is shared.
+STAGES = {
+    "pretext": dict(prompt="pretext", beta=0.04, nframes=16),  # reward: letter + format (+ length)
+    "viss": dict(prompt="viss", beta=0.0, nframes=32),  # accuracy + 0.5 transform + format (+ length)
+    "grpo": dict(prompt="r1", beta=0.04, nframes=16),  # Video-R1 baseline, optional --temporal
+    "sft": dict(prompt="sft", beta=0.0, nframes=16),  # cold start on COT rows
+}
+
+
+def parse_args(argv=None) -> Args:
+    """Flags from the dataclass fields (booleans as --flag / --no-flag), then stage presets fill the Nones."""
+    import argparse
+    import dataclasses
+    import typing
+
+    p = argparse.ArgumentParser(description="ViSS-R1 training (see the module docstring)")
+    hints = typing.get_type_hints(Args)
+    for f in dataclasses.fields(Args):
+        hint = hints[f.name]
+        if hint is bool:
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            base = next(t for t in typing.get_args(hint) if t is not type(None)) if typing.get_args(hint) else hint
+            p.add_argument(f"--{f.name}", type=base, default=f.default)
+    args = Args(**vars(p.parse_args(argv)))
+    if args.stage not in STAGES:
+        p.error(f"--stage must be one of {', '.join(STAGES)}")
+    for k, v in STAGES[args.stage].items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    if args.epsilon_high is None:
+        args.epsilon_high = args.epsilon
+    tasks = args.pretext_tasks.split(",")
+    if unknown := [t for t in tasks if t not in NUM_OPTIONS]:
+        p.error(f"unknown --pretext_tasks {unknown}; choose from {', '.join(NUM_OPTIONS)}")
+    if "shuffle" in tasks and args.nframes and args.nframes % 4 and args.stage in ("pretext", "viss"):
+        p.error(f"--nframes {args.nframes}: the shuffle task needs a multiple of 4 (or drop it from --pretext_tasks)")
+    if args.stage != "sft" and args.num_generations < 2:
+        p.error("--num_generations must be at least 2: advantages compare completions within a group")
+    return args
+
+
+def prompt_mode(args: Args) -> str:
+    return STAGES[args.stage]["prompt"]
+
+
+def print0(*a, **k):
+    """Print on the main process only."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*a, **k, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Media: frame sampling, resizing and patching for the Qwen2-VL family (SPEC §6)
 # ---------------------------------------------------------------------------------------------------------
 
@@ -615,17 +718,20 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     raise ValueError(f"scale_rewards must be group, batch or none, got {scale!r}")
 
 
-def _chunk_logp(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                temperature: float) -> torch.Tensor:
+def _chunk_logp(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
+                bias: torch.Tensor | None) -> torch.Tensor:
     logits = (hidden @ weight.T).float() / temperature  # [n, V], float32 only for this chunk
+    if bias is not None:
+        logits = logits + bias
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
 
 
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                   chunk_size: int = 1024) -> torch.Tensor:
-    """log softmax(h·Wᵀ / τ)[target] for each position, never holding [N, vocab] float32 logits at once.
+                   chunk_size: int = 1024, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """log softmax(h·Wᵀ / τ + bias)[target] for each position, never holding [N, vocab] float32 logits at once.
 
-    hidden [..., D] (the states that predict `targets`), weight [V, D] (lm_head), targets [...] -> float32 [...].
+    hidden [..., D] (the states that predict `targets`), weight [V, D] (lm_head), targets [...] -> float32 [...];
+    bias [V] (optional) is -inf on tokens the policy may not emit (vision placeholders), 0 elsewhere.
     Each chunk is recomputed during backward (activation checkpointing), so backward also peaks at one chunk:
     with Qwen's 151,936-token vocabulary, full float32 logits for 8 x 768 completion tokens are 3.7 GB.
     """
@@ -633,7 +739,7 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     out = []
     for i in range(0, t.numel(), chunk_size):
-        args = (h[i:i + chunk_size], weight, t[i:i + chunk_size], temperature)
+        args = (h[i:i + chunk_size], weight, t[i:i + chunk_size], temperature, bias)
         if grad:
             out.append(torch.utils.checkpoint.checkpoint(_chunk_logp, *args, use_reentrant=False))
         else:
@@ -641,9 +747,9 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     return torch.cat(out).view(shape) if out else hidden.new_zeros(shape, dtype=torch.float32)
 
 
-def completion_mask(completion_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """1 for completion tokens up to and including the first EOS, 0 after it: [B, L] -> [B, L] float."""
-    is_eos = completion_ids == eos_id
+def completion_mask(completion_ids: torch.Tensor, eos_id: int | list[int]) -> torch.Tensor:
+    """1 for completion tokens up to and including the first EOS (any of `eos_id`), 0 after: [B, L] -> [B, L]."""
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_id, device=completion_ids.device).view(-1))
     after = (is_eos.cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
     return (~after).float()
 
@@ -701,13 +807,17 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
 # ---------------------------------------------------------------------------------------------------------
 
 PROBLEM_TYPES = ("multiple choice", "numerical", "OCR", "free-form", "regression")
+
+
+class DataError(ValueError):
+    """A data file the run cannot use; the message names the file, the row index and the problem."""
 REQUIRED_FIELDS = ("problem", "data_type", "problem_type", "solution", "path")
 
 
 def validate_row(row, index: int, source: str) -> None:
     """Raise ValueError naming the file, the row index and the problem for any row a step could choke on."""
     def bad(msg):
-        raise ValueError(f"{source}: row {index}: {msg}")
+        raise DataError(f"{source}: row {index}: {msg}")
 
     if not isinstance(row, dict):
         bad(f"expected a JSON object, got {type(row).__name__}")
@@ -748,16 +858,16 @@ def load_rows(path: str) -> list[dict]:
     try:
         rows = json.loads(text) if text.lstrip().startswith("[") else None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON: {e}") from None
+        raise DataError(f"{path}: not valid JSON: {e}") from None
     if rows is None:  # JSONL: one object per non-empty line
         rows = []
         for i, line in enumerate(l for l in text.splitlines() if l.strip()):
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: row {i}: not valid JSON: {e}") from None
+                raise DataError(f"{path}: row {i}: not valid JSON: {e}") from None
     if not rows:
-        raise ValueError(f"{path}: no rows")
+        raise DataError(f"{path}: no rows")
     for i, row in enumerate(rows):
         validate_row(row, i, path)
     return rows
@@ -768,7 +878,462 @@ def resolve_path(path: str, media_root: str) -> str:
     return path if os.path.isabs(path) else os.path.normpath(os.path.join(media_root, path))
 
 # ---------------------------------------------------------------------------------------------------------
-# Tiny models: a randomly initialised checkpoint of the real architecture, built offline (tests and --demo)
+# Samples: one data row -> media, transform, prompt ids and vision tensors, ready for a rollout
+# ---------------------------------------------------------------------------------------------------------
+
+class MediaError(Exception):
+    """A row whose video or image cannot be read: skipped and counted, not fatal."""
+
+
+@dataclass
+class Sample:
+    row: dict
+    mode: str  # "r1" | "pretext" | "viss" | "sft"
+    ids: list[int]  # prompt token ids (vision placeholders expanded)
+    types: list[int]  # mm_token_type_ids of the prompt
+    vis: dict  # pixel tensors, grids, second_per_grid_ts
+    solution: str  # "<answer>...</answer>" scored against
+    problem_type: str
+    task: str | None = None  # pretext task and 0-based option (pretext / viss modes)
+    option: int | None = None
+    target: str | None = None  # SFT: the assistant text to imitate
+    shuffled_vis: dict | None = None  # T-GRPO: the same clip with its frames permuted
+
+    @property
+    def letter(self) -> str | None:
+        return LETTERS[self.option] if self.option is not None else None
+
+
+def make_sample(row: dict, args: Args, spec: VisionSpec, tokenizer, rng: random.Random) -> Sample:
+    """Load a row's media and build everything one rollout needs. Raises on unreadable media (callers skip)."""
+    mode, kind = prompt_mode(args), row["data_type"]
+    try:
+        media = load_media(resolve_path(row["path"], args.media_root), kind, args.nframes or None, args.max_frames)
+    except (OSError, ValueError) as e:  # missing, truncated or undecodable file
+        raise MediaError(str(e)) from None
+    task = option = None
+    if mode == "sft" and "trans_opt" in row:  # ViSS SFT rows replay their stored transform deterministically
+        task, option = row["trans_opt"], LETTERS.index(row["trans_ans"])
+    elif mode in ("pretext", "viss"):
+        task, option = sample_pretext(kind, tuple(args.pretext_tasks.split(",")), rng)
+    if task is not None:
+        media = Media(apply_pretext(media.frames, task, option), kind, media.fps)
+    shuffled = None
+    if args.temporal and mode == "r1" and kind == "video":  # T-GRPO: a random permutation of the frames
+        perm = list(range(media.frames.shape[0]))
+        rng.shuffle(perm)
+        shuffled = Media(media.frames[perm], kind, media.fps)
+    media = fit_media(media, spec, args.min_pixels, args.max_pixels)
+    vis = vision_inputs(media, spec)
+    grid = vis["video_grid_thw" if kind == "video" else "image_grid_thw"][0].tolist()
+    num_frames = media.frames.shape[0]
+    solution, target = row["solution"], None
+    if mode == "pretext":
+        text, solution, ptype = pretext_prompt(task, num_frames), f"<answer>{LETTERS[option]}</answer>", "multiple choice"
+    elif mode == "viss" or (mode == "sft" and task is not None):
+        text, ptype = viss_prompt(row, task, num_frames), row["problem_type"]
+        if mode == "sft":
+            target = f"{row['process']}<transform>{LETTERS[option]}</transform>{row['solution']}"
+    else:
+        text, ptype = r1_prompt(row), row["problem_type"]
+        if mode == "sft":
+            target = f"{row['process']}{row['solution']}"
+    if mode == "sft" and "process" not in row:
+        raise DataError(f"{args.data}: SFT rows need a `process` field (<think>...</think>): {row.get('problem_id')}")
+    ids, types = prompt_ids(tokenizer, text, media, spec, grid)
+    if shuffled is not None:
+        shuffled = vision_inputs(fit_media(shuffled, spec, args.min_pixels, args.max_pixels), spec)
+    return Sample(row, mode, ids, types, vis, solution, ptype, task, option, target, shuffled)
+
+
+class RowStream:
+    """Rows in a seeded random order, epoch after epoch; this rank takes every world-th position. The state is
+    one integer (`cursor`), so a resumed run sees exactly the rows an uninterrupted run would."""
+
+    def __init__(self, rows: list[dict], seed: int, rank: int = 0, world: int = 1, cursor: int = 0):
+        self.rows, self.seed, self.rank, self.world, self.cursor = rows, seed, rank, world, cursor
+
+    def next(self) -> tuple[int, dict, random.Random]:
+        pos = self.cursor * self.world + self.rank
+        epoch, i = divmod(pos, len(self.rows))
+        order = list(range(len(self.rows)))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        self.cursor += 1
+        return order[i], self.rows[order[i]], random.Random(self.seed * 7_919 + pos)  # per-row transform rng
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rollout: shared-prefix group sampling and scoring log-probs
+# ---------------------------------------------------------------------------------------------------------
+
+def unwrap(model):
+    """The Qwen*VLModel inside a *ForConditionalGeneration (it returns hidden states, not logits)."""
+    return model.model
+
+
+def rope_positions(model, ids: torch.Tensor, types: torch.Tensor, vis: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """3-D M-RoPE positions [3, B, L] and the text offset `delta` [B, 1] (text position = index + delta)."""
+    kw = {k: v for k, v in vis.items() if k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")}
+    if model.config.model_type != "qwen2_5_vl":
+        kw.pop("second_per_grid_ts", None)
+    return unwrap(model).get_rope_index(ids, mm_token_type_ids=types, **kw)
+
+
+def vocab_bias(model, spec: VisionSpec, device) -> torch.Tensor:
+    """0 everywhere, -inf on the vision placeholder and start/end tokens: a random or young policy can sample
+    them, and a completion holding one would break the next forward. Sampling and scoring both use it."""
+    cfg = model.config
+    bias = torch.zeros(cfg.get_text_config().vocab_size, device=device)
+    for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+        if getattr(cfg, name, None) is not None:
+            bias[getattr(cfg, name)] = float("-inf")
+    return bias
+
+
+def _sample_token(logp: torch.Tensor, top_p: float, generator) -> torch.Tensor:
+    """Nucleus sampling from log-probs [G, V]: keep the smallest set of tokens whose mass reaches top_p."""
+    probs = logp.exp()
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # mass before this token already reaches top_p
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def sample_group(model, sample: Sample, G: int, max_new_tokens: int, temperature: float, top_p: float,
+                 eos_ids: list[int], pad_id: int, bias: torch.Tensor, generator=None, greedy: bool = False,
+                 vis: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """G completions of one prompt -> (token ids [G, C] padded with pad_id after EOS, sampling log-probs [G, C]).
+
+    The vision tower and the prompt prefill run ONCE; the KV cache is then repeated G times and the G samples
+    decode together. (`generate(num_return_sequences=G)`, as the release calls it, encodes the video G times.)
+    Log-probs are log_softmax(logits / τ) at the sampled tokens, the quantity the loss uses.
+    """
+    device = model.device
+    vis = {k: v.to(device) for k, v in (vis or sample.vis).items()}
+    ids = torch.tensor([sample.ids], device=device)
+    types = torch.tensor([sample.types], device=device)
+    pos, delta = rope_positions(model, ids, types, vis)  # [3, 1, P], [1, 1]
+    out = unwrap(model)(input_ids=ids, position_ids=pos, mm_token_type_ids=types, use_cache=True, **vis)
+    cache, h = out.past_key_values, out.last_hidden_state[:, -1].expand(G, -1)
+    cache.batch_repeat_interleave(G)  # [1, heads, P, d] -> [G, heads, P, d]: the shared prefix
+    eos = torch.tensor(eos_ids, device=device)
+    done = torch.zeros(G, dtype=torch.bool, device=device)
+    tokens, logps = [], []
+    for t in range(max_new_tokens):
+        logits = model.lm_head(h).float()
+        logp = torch.log_softmax(logits / temperature + bias, -1)
+        nxt = (logits + bias).argmax(-1) if greedy else _sample_token(logp, top_p, generator)
+        tokens.append(torch.where(done, pad_id, nxt))
+        logps.append(torch.where(done, 0.0, logp.gather(-1, nxt[:, None]).squeeze(-1)))
+        done = done | torch.isin(nxt, eos)
+        if done.all() or t == max_new_tokens - 1:
+            break
+        # the new token's 3-D position is text: cache length + delta on all three axes
+        step_pos = (ids.shape[1] + t + delta).view(1, 1, 1).expand(3, G, 1)
+        out = unwrap(model)(input_ids=tokens[-1][:, None], position_ids=step_pos, past_key_values=cache,
+                            use_cache=True)
+        h = out.last_hidden_state[:, -1]
+    return torch.stack(tokens, 1), torch.stack(logps, 1)
+
+
+def sequence_logprobs(model, sample: Sample, completion: torch.Tensor, temperature: float,
+                      bias: torch.Tensor | None) -> torch.Tensor:
+    """Scoring forward: log-probs [G, C] of `completion` [G, C] after the prompt, with the same vision inputs,
+    second_per_grid_ts and 3-D positions the sampler used (the Video-R1 trainer dropped second_per_grid_ts
+    here, so its scores came from different positions than its samples)."""
+    device = model.device
+    G, C = completion.shape
+    P = len(sample.ids)
+    ids = torch.cat([torch.tensor([sample.ids], device=device).expand(G, -1), completion], 1)  # [G, P + C]
+    types = torch.tensor([sample.types + [0] * C], device=device)
+    vis = {k: v.to(device) for k, v in sample.vis.items()}
+    pos, _ = rope_positions(model, ids[:1], types, vis)  # identical for every row: completions are text
+    rep = {k: torch.cat([v] * G) for k, v in vis.items()}  # each row carries its own copy of the clip
+    hidden = unwrap(model)(input_ids=ids, position_ids=pos.expand(3, G, -1), mm_token_type_ids=types.expand(G, -1),
+                           **rep).last_hidden_state
+    return token_logprobs(hidden[:, P - 1:-1], model.lm_head.weight, completion, temperature, bias=bias)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints: a plain HF directory per save (+ optimizer, scheduler, meta), written to a temp dir, renamed
+# ---------------------------------------------------------------------------------------------------------
+
+def latest_checkpoint(out: str) -> str | None:
+    """The newest complete `out/step-NNNNNN` (a crash mid-save leaves only a `.tmp-` directory behind)."""
+    if not os.path.isdir(out):
+        return None
+    done = sorted(d for d in os.listdir(out) if re.fullmatch(r"step-\d{6}", d)
+                  and os.path.isfile(os.path.join(out, d, "meta.json")))
+    return os.path.join(out, done[-1]) if done else None
+
+
+def save_hf(path: str, model, tokenizer, processor, spec: VisionSpec) -> None:
+    """What `from_pretrained` needs: weights (safetensors), config, tokenizer, processor config."""
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    if processor is not None:
+        processor.save_pretrained(path)
+    else:  # no processor class available (it needs torchvision): the fields the Qwen processors read
+        with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
+            json.dump(dict(image_mean=list(spec.image_mean), image_std=list(spec.image_std),
+                           patch_size=spec.patch_size, temporal_patch_size=spec.temporal_patch_size,
+                           merge_size=spec.merge_size, image_processor_type="Qwen2VLImageProcessor"), f, indent=2)
+
+
+def save_checkpoint(args: Args, step: int, model, tokenizer, processor, spec, optimizer, scheduler,
+                    meta: dict) -> str:
+    import shutil
+    tmp, dst = os.path.join(args.out, f".tmp-step-{step:06d}"), os.path.join(args.out, f"step-{step:06d}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_hf(tmp, model, tokenizer, processor, spec)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+               os.path.join(tmp, "trainer_state.pt"))
+    with open(os.path.join(tmp, "meta.json"), "w") as f:  # written last: its presence marks a complete save
+        json.dump(meta, f, indent=2)
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+    kept = sorted(d for d in os.listdir(args.out) if re.fullmatch(r"step-\d{6}", d))
+    for old in kept[:-args.save_total_limit]:
+        shutil.rmtree(os.path.join(args.out, old), ignore_errors=True)
+    return dst
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training loop: sample prompts -> transform -> rollout -> reward -> advantages -> log-probs -> step -> log
+# ---------------------------------------------------------------------------------------------------------
+
+def load_policy(path: str, device, args: Args):
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    processor = None
+    try:  # the processor classes need torchvision; without it save_hf writes the preprocessor fields itself
+        from transformers import AutoProcessor
+        processor = AutoProcessor.from_pretrained(path)
+    except (ImportError, OSError, ValueError):
+        pass
+    return model, tokenizer, processor, vision_spec(model.config, path if os.path.isdir(path) else None)
+
+
+def next_samples(stream: RowStream, n: int, args, spec, tokenizer, counters: dict, bad_names: set) -> list:
+    """The next n usable samples; unreadable media is skipped, counted, named once, and stops the run if more
+    than --max_bad_media of the rows tried so far were bad."""
+    out = []
+    while len(out) < n:
+        idx, row, rng = stream.next()
+        counters["rows_seen"] += 1
+        try:
+            out.append(make_sample(row, args, spec, tokenizer, rng))
+        except MediaError as e:
+            counters["skipped_media"] += 1
+            if row["path"] not in bad_names:
+                bad_names.add(row["path"])
+                print0(f"skipping row {idx}: {e}")  # the message names the file
+            if counters["rows_seen"] >= 10 and counters["skipped_media"] > args.max_bad_media * counters["rows_seen"]:
+                raise RuntimeError(f"{counters['skipped_media']} of {counters['rows_seen']} rows had unreadable media "
+                                   f"(limit --max_bad_media {args.max_bad_media}); check --media_root")
+    return out
+
+
+def pad_right(seqs: list[torch.Tensor], value) -> torch.Tensor:
+    """Stack [G_i, C_i] tensors into [sum G_i, max C_i], padding on the right."""
+    C = max(s.shape[1] for s in seqs)
+    return torch.cat([F.pad(s, (0, C - s.shape[1]), value=value) for s in seqs])
+
+
+def train(args: Args) -> dict:
+    """One stage of training as configured by `args`; returns the last step's metrics."""
+    import time
+    from tqdm import tqdm
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = load_rows(args.data)  # every row validated before step one
+    os.makedirs(args.out, exist_ok=True)
+    resume = latest_checkpoint(args.out) if args.resume else None
+    model, tokenizer, processor, spec = load_policy(resume or args.model, device, args)
+    ref = None
+    if args.beta > 0:  # beta = 0 loads no reference model at all
+        from transformers import AutoModelForImageTextToText
+        ref = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32).to(device)
+        ref.eval().requires_grad_(False)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    total = max(1, args.max_steps * args.num_iterations)  # optimizer updates
+
+    def lr_lambda(u):  # linear warmup, then cosine to zero
+        if u < args.warmup_steps:
+            return (u + 1) / args.warmup_steps
+        return 0.5 * (1 + math.cos(math.pi * (u - args.warmup_steps) / max(1, total - args.warmup_steps)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    meta = {"step": 0, "cursor": 0, "counters": {"rows_seen": 0, "skipped_media": 0, "nonfinite": 0}}
+    if resume:
+        state = torch.load(os.path.join(resume, "trainer_state.pt"), weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        with open(os.path.join(resume, "meta.json")) as f:
+            meta = json.load(f)
+        print0(f"resumed from {resume} at step {meta['step']}")
+    counters, bad_names = meta["counters"], set()
+    stream = RowStream(rows, args.seed, cursor=meta["cursor"])
+    G, mode, sft = args.num_generations, prompt_mode(args), args.stage == "sft"
+    gen_eos = model.generation_config.eos_token_id  # Qwen ships [<|im_end|>, <|endoftext|>]
+    eos_ids = [tokenizer.eos_token_id] + [e for e in (gen_eos if isinstance(gen_eos, list) else [gen_eos])
+                                          if e is not None and e != tokenizer.eos_token_id]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    bias = vocab_bias(model, spec, device)
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)  # noqa: E731
+    for name in ("metrics.jsonl", "rollouts.jsonl"):  # a fresh run starts them anew; a resumed one drops the
+        path = os.path.join(args.out, name)  # lines the killed run wrote after its last checkpoint
+        kept = [l for l in open(path)] if resume and os.path.exists(path) else []
+        with open(path, "w") as f:
+            f.writelines(l for l in kept if json.loads(l)["step"] <= meta["step"])
+    log_file = open(os.path.join(args.out, "metrics.jsonl"), "a")
+    bar = tqdm(total=args.max_steps, initial=meta["step"], desc=args.stage, dynamic_ncols=True,
+               disable=int(os.environ.get("RANK", 0)) != 0)
+    m = {}
+    t_start, step0 = time.time(), meta["step"]
+    for step in range(meta["step"] + 1, args.max_steps + 1):
+        t0 = time.time()
+        # ---- sample prompts (media loaded, transformed, patched)
+        samples = next_samples(stream, args.per_device_prompts, args, spec, tokenizer, counters, bad_names)
+        # ---- rollout: G completions per prompt from one shared prefill
+        model.eval()
+        gen = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step)  # a resumed run replays it
+        comps, old_lp, rewards, parts_all, texts_all = [], [], [], {}, []
+        with autocast():
+            for s in samples:
+                if sft:  # the target tokens play the role of the completion
+                    target = tokenizer(s.target, add_special_tokens=False)["input_ids"] + [eos_ids[0]]
+                    comps.append(torch.tensor([target], device=device))
+                    continue
+                c, lp = sample_group(model, s, G, args.max_completion_length, args.temperature, args.top_p,
+                                     eos_ids, pad_id, bias, gen)
+                mask = completion_mask(c, eos_ids)
+                texts = tokenizer.batch_decode(c.masked_fill(mask == 0, pad_id), skip_special_tokens=True)
+                lengths = mask.sum(1).long().tolist()
+                acc_shuffled = None
+                if s.shuffled_vis is not None:  # T-GRPO: G/2 completions on permuted frames, scored only
+                    cs, _ = sample_group(model, s, max(1, G // 2), args.max_completion_length, args.temperature,
+                                         args.top_p, eos_ids, pad_id, bias, gen, vis=s.shuffled_vis)
+                    acc_shuffled = [accuracy_reward(t, s.solution, s.problem_type)
+                                    for t in tokenizer.batch_decode(cs, skip_special_tokens=True)]
+                totals, parts = group_rewards(texts, lengths, s.solution, s.problem_type, s.mode, s.letter,
+                                              args.length_bonus, acc_shuffled)
+                comps.append(c)
+                old_lp.append(lp)
+                rewards += totals
+                texts_all.append(texts)
+                for k, v in parts.items():
+                    parts_all.setdefault(k, []).extend(v)
+        t_rollout = time.time() - t0
+        # ---- advantages: (R - group mean) / (group std + 1e-4)
+        if not sft:
+            R = torch.tensor(rewards, device=device)
+            adv = group_advantages(R, G, args.scale_rewards)
+            completion = pad_right(comps, pad_id)
+            mask = pad_right([completion_mask(c, eos_ids) for c in comps], 0.0)
+        # ---- reference and old log-probs (no grad)
+        model.train()
+        ref_lp = old = None
+        with torch.no_grad(), autocast():
+            if ref is not None and not sft:
+                ref_lp = pad_right([sequence_logprobs(ref, s, c, args.temperature, bias)
+                                    for s, c in zip(samples, comps)], 0.0)
+            if args.num_iterations > 1 and not sft:  # the policy that sampled, for real ratios later
+                old = pad_right([sequence_logprobs(model, s, c, args.temperature, bias)
+                                 for s, c in zip(samples, comps)], 0.0)
+        # ---- loss and optimizer step (num_iterations updates on the same rollout)
+        for _ in range(args.num_iterations):
+            optimizer.zero_grad(set_to_none=True)
+            with autocast():
+                if sft:  # cross-entropy on the assistant tokens, mean over tokens
+                    lps = [sequence_logprobs(model, s, c, 1.0, None) for s, c in zip(samples, comps)]
+                    loss = -torch.cat([lp.flatten() for lp in lps]).mean()
+                    stats = {}
+                else:
+                    logp = pad_right([sequence_logprobs(model, s, c, args.temperature, bias)
+                                      for s, c in zip(samples, comps)], 0.0)
+                    loss, stats = grpo_loss(logp, old if old is not None else logp.detach(), adv, mask, ref_lp,
+                                            args.beta, args.epsilon, args.epsilon_high, args.loss_type,
+                                            args.max_completion_length)
+            if not torch.isfinite(loss):  # skip the update, count it, stop past the threshold
+                counters["nonfinite"] += 1
+                optimizer.zero_grad(set_to_none=True)
+                print0(f"step {step}: non-finite loss, update skipped ({counters['nonfinite']} so far)")
+                if counters["nonfinite"] > args.max_nonfinite:
+                    raise RuntimeError(f"{counters['nonfinite']} non-finite losses (limit --max_nonfinite)")
+                continue
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
+            optimizer.step()
+            scheduler.step()
+        t_step = time.time() - t0
+        # ---- log: one status line, metrics.jsonl, a rollout every --log_rollouts_every steps
+        m = {"step": step, "loss": loss.item(), "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], **stats,
+             "time/rollout": t_rollout, "time/train": t_step - t_rollout,
+             "skipped/media": counters["skipped_media"], "skipped/nonfinite": counters["nonfinite"]}
+        if not sft:
+            zero_std = R.view(-1, G).std(1) == 0
+            m.update({"reward": R.mean().item(), "reward_std": R.view(-1, G).std(1).mean().item(),
+                      "frac_reward_zero_std": zero_std.float().mean().item(),
+                      "completions/mean_length": mask.sum(1).mean().item(),
+                      "completions/clipped_ratio": (mask.sum(1) >= args.max_completion_length).float().mean().item(),
+                      "tokens_per_sec": mask.sum().item() / max(t_rollout, 1e-9)})
+            m.update({f"rewards/{k}/mean": sum(v) / len(v) for k, v in parts_all.items()})
+        log_file.write(json.dumps(m) + "\n")
+        log_file.flush()
+        eta = (time.time() - t_start) / (step - step0) * (args.max_steps - step)
+        line = f"step {step}/{args.max_steps} | loss {m['loss']:.4f} | "
+        if not sft:
+            line += (f"reward {m['reward']:.3f} " + " ".join(f"{k.split('/')[1]} {v:.2f}" for k, v in m.items()
+                                                             if k.startswith("rewards/"))
+                     + f" | zero-std {m['frac_reward_zero_std']:.2f} | len {m['completions/mean_length']:.0f} "
+                     f"| clip {m.get('clip_ratio/region_mean', 0):.3f} | kl {m.get('kl', 0):.4f} | ")
+        line += (f"gnorm {grad_norm:.2f} | lr {m['lr']:.2e} | rollout {t_rollout:.1f}s train {t_step - t_rollout:.1f}s"
+                 f" | eta {eta / 60:.1f}m")
+        if int(os.environ.get("RANK", 0)) == 0:
+            bar.write(line)
+        bar.update(1)
+        if not sft and args.log_rollouts_every and step % args.log_rollouts_every == 0:
+            with open(os.path.join(args.out, "rollouts.jsonl"), "a") as f:
+                for s, texts in zip(samples, texts_all):
+                    for t in texts:
+                        f.write(json.dumps({"step": step, "problem_id": s.row.get("problem_id"), "task": s.task,
+                                            "gt_transform": s.letter, "solution": s.solution, "completion": t}) + "\n")
+            s, t = samples[0], texts_all[0][0]
+            print0(f"  rollout [{s.mode}{'/' + s.task if s.task else ''}] gt {extract_tag(s.solution)!r} "
+                   f"{('transform ' + s.letter) if s.letter else ''}\n  completion: {t[:300]!r}\n  parsed: answer "
+                   f"{extract_tag(t)!r} transform {extract_tag(t, 'transform')!r} reward {rewards[0]:.2f}")
+        # ---- checkpoint (the last step always saves)
+        meta = {"step": step, "cursor": stream.cursor, "counters": counters, "args": vars(args)}
+        if step % args.save_steps == 0 or step == args.max_steps:
+            save_checkpoint(args, step, model, tokenizer, processor, spec, optimizer, scheduler, meta)
+            if step == args.max_steps:  # the output directory itself is a loadable checkpoint
+                save_hf(args.out, model, tokenizer, processor, spec)
+    bar.close()
+    log_file.close()
+    return m
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.demo:
+        return run_demo(args)
+    if not args.data:
+        raise SystemExit("--data is required (a Video-R1 JSON or JSONL file)")
+    torch.manual_seed(args.seed)
+    try:
+        return train(args)
+    except DataError as e:  # a malformed data file: the message is the whole story
+        raise SystemExit(f"error: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tiny models and the CPU demo: random checkpoints of the real architectures, synthetic clips, no downloads
 # ---------------------------------------------------------------------------------------------------------
 
 QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -810,7 +1375,7 @@ def build_tiny_tokenizer(corpus: list[str], vocab_size: int = 512):
 
 def build_tiny_checkpoint(out_dir: str, arch: str = "qwen2_5_vl", corpus: list[str] | None = None,
                           hidden_size: int = 64, num_layers: int = 2, vision_hidden: int = 32,
-                          vision_depth: int = 2, seed: int = 0) -> str:
+                          vision_depth: int = 2, vocab_size: int = 512, seed: int = 0) -> str:
     """Save a randomly initialised Qwen2-VL / Qwen2.5-VL / Qwen3-VL + tokenizer + preprocessor config to
     `out_dir`, loadable with from_pretrained exactly like a downloaded checkpoint. Deterministic in `seed`."""
     from transformers import AutoModelForImageTextToText, GenerationConfig
@@ -820,7 +1385,7 @@ def build_tiny_checkpoint(out_dir: str, arch: str = "qwen2_5_vl", corpus: list[s
     base = [string.ascii_letters, string.digits, string.punctuation, pretext_prompt("rotate", 16),
             viss_prompt({"data_type": "video", "problem_type": "multiple choice", "problem": "",
                          "options": []}, "shuffle", 16)]
-    tokenizer = build_tiny_tokenizer((corpus or []) + base * 3)
+    tokenizer = build_tiny_tokenizer((corpus or []) + base * 3, vocab_size)
     tid = dict(zip(QWEN_SPECIAL_TOKENS, tokenizer.convert_tokens_to_ids(QWEN_SPECIAL_TOKENS)))
     pad, eos = tid["<|endoftext|>"], tid["<|im_end|>"]
     heads = 4
@@ -862,3 +1427,99 @@ def build_tiny_checkpoint(out_dir: str, arch: str = "qwen2_5_vl", corpus: list[s
         json.dump(dict(image_mean=mean, image_std=std, patch_size=vision["patch_size"], temporal_patch_size=2,
                        merge_size=2, image_processor_type="Qwen2VLImageProcessor"), f, indent=2)
     return out_dir
+
+
+def write_y4m(path: str, frames: np.ndarray, fps: int = 8) -> None:
+    """uint8 RGB frames [T, 3, H, W] -> a YUV4MPEG2 file decord reads (BT.601 limited range, 4:4:4)."""
+    T, _, H, W = frames.shape
+    with open(path, "wb") as f:
+        f.write(f"YUV4MPEG2 W{W} H{H} F{fps}:1 Ip A1:1 C444\n".encode())
+        for r, g, b in np.asarray(frames, dtype=np.float64):
+            y = 16 + (65.481 * r + 128.553 * g + 24.966 * b) / 255
+            u = 128 + (-37.797 * r - 74.203 * g + 112.0 * b) / 255
+            v = 128 + (112.0 * r - 93.786 * g - 18.214 * b) / 255
+            f.write(b"FRAME\n" + np.clip(np.round(np.stack([y, u, v])), 0, 255).astype(np.uint8).tobytes())
+
+
+DEMO_COLORS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (40, 70, 230), "yellow": (230, 210, 40)}
+
+
+def write_demo_data(root: str, n: int = 64, size: int = 56, frames: int = 8, seed: int = 0) -> tuple[str, str]:
+    """Synthetic clips a tiny model can learn from: cues the patch embedding reads directly, as it reads colour.
+    The background brightens frame after frame (a reversed clip darkens inside every 2-frame temporal patch:
+    arrow) and darkens towards the bottom of every 14x14 patch (a rotation turns that texture: rotate);
+    a coloured square drifts over it (the user question asks its colour)."""
+    # writes videos/*.y4m, rl.jsonl (Video-R1 rows) and sft.jsonl (format-only SFT rows, random answers)
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(root, "videos"), exist_ok=True)
+    names = list(DEMO_COLORS)
+    rl, sft = [], []
+    for i in range(n):
+        color = names[i % len(names)]
+        texture = 5 * (13 - np.arange(size) % 14)  # darker towards the bottom of every 14x14 patch: rotate
+        ramp = 20 + 160 * np.arange(frames) // max(1, frames - 1)  # brighter frame after frame: arrow
+        clip = np.empty((frames, 3, size, size), np.uint8)
+        clip[:] = (ramp[:, None] + texture[None]).astype(np.uint8)[:, None, :, None]
+        s = size // 2
+        y0, x0 = rng.integers(0, size - s), rng.integers(0, size - s)
+        for t in range(frames):  # the square drifts a little from frame to frame
+            dy = min(size - s, y0 + t // 3) - y0
+            clip[t, :, y0 + dy:y0 + dy + s, x0:x0 + s] = np.array(DEMO_COLORS[color], np.uint8)[:, None, None]
+        write_y4m(os.path.join(root, "videos", f"clip_{i:03d}.y4m"), clip)
+        row = {"problem_id": i, "problem": "What colour is the square in the video?\n", "data_type": "video",
+               "problem_type": "multiple choice", "options": [f"{LETTERS[k]}. {c}" for k, c in enumerate(names)],
+               "solution": f"<answer>{LETTERS[names.index(color)]}</answer>", "path": f"./videos/clip_{i:03d}.y4m",
+               "data_source": "demo"}
+        rl.append(row)
+        guess = f"<answer>{LETTERS[rng.integers(4)]}</answer>"  # uninformative: teaches the format only
+        sft.append(dict(row, process="<think>I look.</think>", solution=guess))
+        sft.append(dict(row, process="<think>I look.</think>", solution=guess,
+                        trans_opt="rotate", trans_ans="A"))  # the 3-tag ViSS format, transform always "A"
+    paths = os.path.join(root, "rl.jsonl"), os.path.join(root, "sft.jsonl")
+    for path, data in zip(paths, (rl, sft)):
+        with open(path, "w") as f:
+            f.write("\n".join(json.dumps(r) for r in data) + "\n")
+    return paths
+
+
+def run_demo(args: Args) -> dict:
+    """`python viss_r1.py --demo`: on synthetic clips with a tiny Qwen2.5-VL built on the spot, a short SFT that
+    teaches only the output format (random answers), then the paper's two RL recipes from that checkpoint:
+    Pretext-GRPO (the pretext letter is the whole reward) and ViSS-R1 GRPO (user answer + transform + format).
+    The pretext task is `arrow`, as in the release's final video RL run. --out ends as the ViSS-R1 checkpoint."""
+    import time
+    t0 = time.time()
+    root = args.out
+    rl, sft = write_demo_data(os.path.join(root, "data"), size=112)
+    corpus = [r1_prompt(json.loads(line)) for line in open(rl)][:4]
+    base = build_tiny_checkpoint(os.path.join(root, "base"), "qwen2_5_vl", corpus=corpus, vision_hidden=64,
+                                 vocab_size=2000, seed=args.seed)
+    common = ["--media_root", os.path.join(root, "data"), "--nframes", "4", "--min_pixels", "12544",
+              "--max_pixels", "12544", "--per_device_prompts", "8", "--save_steps", "100000",
+              "--log_rollouts_every", "25", "--seed", str(args.seed), "--pretext_tasks", "arrow"]
+    rlx = ["--learning_rate", "1e-3", "--max_steps", "100", "--temperature", "0.7", "--max_completion_length", "20"]
+    stages = [("sft", base, sft, root + "/sft", ["--learning_rate", "3e-3", "--max_steps", "100"]),
+              ("pretext", root + "/sft", rl, root + "/pretext", rlx),
+              ("viss", root + "/sft", rl, root, rlx)]
+    curves = {}
+    for stage, model, data, out, extra in stages:
+        print0(f"\n=== {stage}: {model} -> {out} ===")
+        train(parse_args(["--stage", stage, "--model", model, "--data", data, "--out", out] + common + extra))
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            curves[stage] = [json.loads(line) for line in f]
+    summary = {"minutes": (time.time() - t0) / 60}
+    print0("\nlearning curves (means over 10-step windows):")
+    for stage, key, name in [("pretext", "rewards/accuracy/mean", "Pretext-GRPO pretext accuracy"),
+                             ("viss", "rewards/accuracy/mean", "ViSS-R1 user-question accuracy"),
+                             ("viss", "rewards/transform/mean", "ViSS-R1 transform reward"),
+                             ("viss", "rewards/format/mean", "ViSS-R1 format reward")]:
+        vals = [m[key] for m in curves[stage]]
+        points = [sum(vals[i:i + 10]) / len(vals[i:i + 10]) for i in range(0, len(vals), 10)]
+        print0(f"{name:>32}: " + " ".join(f"{p:.2f}" for p in points))
+        summary[name] = (points[0], points[-1])
+    print0(f"demo finished in {summary['minutes']:.1f} min; the ViSS-R1 checkpoint is {root}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
