@@ -138,10 +138,73 @@ def prompt_mode(args: Args) -> str:
     return STAGES[args.stage]["prompt"]
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Distributed: the same file runs as `python viss_r1.py` or under `torchrun`, sharded with torch's FSDP2
+# ---------------------------------------------------------------------------------------------------------
+
 def print0(*a, **k):
     """Print on the main process only."""
     if int(os.environ.get("RANK", 0)) == 0:
         print(*a, **k, flush=True)
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device). torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; NCCL on CUDA, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    cuda = torch.cuda.is_available()
+    if world == 1:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    return torch.distributed.get_rank(), world, torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
+def shard(policy, bf16: bool, device: torch.device) -> None:
+    """FSDP2: one unit per decoder layer and per vision block (the classes transformers marks as not to be
+    split), plus the root (embeddings, lm_head, norms, patch embedding, merger). Parameters, gradients and
+    AdamW state are split across ranks; compute in bf16 with float32 master weights and reductions."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else torch.float32, reduce_dtype=torch.float32)
+    blocks = set(policy.model._no_split_modules)  # e.g. Qwen2_5_VLDecoderLayer, Qwen2_5_VLVisionBlock
+    for module in list(policy.model.modules()):
+        if type(module).__name__ in blocks:
+            fully_shard(module, mesh=mesh, mp_policy=mp)
+    fully_shard(policy, mesh=mesh, mp_policy=mp)
+
+
+class full_weights:
+    """Context for the rollout under FSDP2: every unit all-gathers its weights on first use and keeps them
+    until the rollout ends. Chosen over stepping all ranks in lock-step because decoding then needs no
+    collective at all: ranks may stop at different lengths, hold an image or a video, sample T-GRPO extras,
+    without a deadlock, and no all-gather per generated token. Cost: one full bf16 copy of the model per GPU
+    during the rollout (15 GB for 7B). Without FSDP it does nothing."""
+
+    def __init__(self, policy):
+        from torch.distributed.fsdp import FSDPModule
+        self.policy, self.units = policy, [m for m in policy.modules() if isinstance(m, FSDPModule)]
+
+    def __enter__(self):
+        for m in self.units:
+            m.set_reshard_after_forward(False, recurse=False)
+
+    def __exit__(self, *exc):
+        for m in self.units:
+            m.reshard()
+            m.set_reshard_after_forward(m is not self.policy, recurse=False)  # FSDP2 keeps the root gathered
+
+
+def all_gather(obj, world: int) -> list:
+    """Every rank's `obj` (any picklable), in rank order."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -898,6 +961,7 @@ class Sample:
     option: int | None = None
     target: str | None = None  # SFT: the assistant text to imitate
     shuffled_vis: dict | None = None  # T-GRPO: the same clip with its frames permuted
+    pos: int = 0  # global position in the row stream: seeds this prompt's sampling on any world size
 
     @property
     def letter(self) -> str | None:
@@ -953,22 +1017,38 @@ class RowStream:
     def __init__(self, rows: list[dict], seed: int, rank: int = 0, world: int = 1, cursor: int = 0):
         self.rows, self.seed, self.rank, self.world, self.cursor = rows, seed, rank, world, cursor
 
-    def next(self) -> tuple[int, dict, random.Random]:
+    def next(self) -> tuple[int, int, dict]:
+        """-> (global position, row index, row)."""
         pos = self.cursor * self.world + self.rank
         epoch, i = divmod(pos, len(self.rows))
         order = list(range(len(self.rows)))
         random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
         self.cursor += 1
-        return order[i], self.rows[order[i]], random.Random(self.seed * 7_919 + pos)  # per-row transform rng
+        return pos, order[i], self.rows[order[i]]
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Rollout: shared-prefix group sampling and scoring log-probs
 # ---------------------------------------------------------------------------------------------------------
 
-def unwrap(model):
-    """The Qwen*VLModel inside a *ForConditionalGeneration (it returns hidden states, not logits)."""
-    return model.model
+class Policy(torch.nn.Module):
+    """The VLM behind a single forward(), so that under FSDP2 every call runs the root module's hooks (they
+    gather the embeddings, lm_head and final norm) and the decoder layers' own. Two kinds of call:
+    a sampler step (no `completion`) returns float32 logits of the last position and the KV cache;
+    a scoring call returns the completion's token log-probs, computed chunk by chunk from hidden states."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model  # a *ForConditionalGeneration
+
+    def forward(self, completion=None, temperature: float = 1.0, bias=None, **inputs):
+        out = self.model.model(**inputs)  # the Qwen*VLModel: hidden states, never full-vocabulary logits
+        h = out.last_hidden_state
+        if completion is None:
+            return self.model.lm_head(h[:, -1]).float(), out.past_key_values
+        C = completion.shape[1]  # positions P-1 .. P+C-2 predict the C completion tokens
+        logp = token_logprobs(h[:, -C - 1:-1], self.model.lm_head.weight, completion, temperature, bias=bias)
+        return logp.clone()  # not a view: FSDP2 hooks the output for backward, and views lose the hook
 
 
 def rope_positions(model, ids: torch.Tensor, types: torch.Tensor, vis: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -976,7 +1056,7 @@ def rope_positions(model, ids: torch.Tensor, types: torch.Tensor, vis: dict) -> 
     kw = {k: v for k, v in vis.items() if k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")}
     if model.config.model_type != "qwen2_5_vl":
         kw.pop("second_per_grid_ts", None)
-    return unwrap(model).get_rope_index(ids, mm_token_type_ids=types, **kw)
+    return model.model.get_rope_index(ids, mm_token_type_ids=types, **kw)
 
 
 def vocab_bias(model, spec: VisionSpec, device) -> torch.Tensor:
@@ -1001,7 +1081,7 @@ def _sample_token(logp: torch.Tensor, top_p: float, generator) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_group(model, sample: Sample, G: int, max_new_tokens: int, temperature: float, top_p: float,
+def sample_group(policy: Policy, sample: Sample, G: int, max_new_tokens: int, temperature: float, top_p: float,
                  eos_ids: list[int], pad_id: int, bias: torch.Tensor, generator=None, greedy: bool = False,
                  vis: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """G completions of one prompt -> (token ids [G, C] padded with pad_id after EOS, sampling log-probs [G, C]).
@@ -1010,19 +1090,18 @@ def sample_group(model, sample: Sample, G: int, max_new_tokens: int, temperature
     decode together. (`generate(num_return_sequences=G)`, as the release calls it, encodes the video G times.)
     Log-probs are log_softmax(logits / τ) at the sampled tokens, the quantity the loss uses.
     """
-    device = model.device
+    device = bias.device
     vis = {k: v.to(device) for k, v in (vis or sample.vis).items()}
     ids = torch.tensor([sample.ids], device=device)
     types = torch.tensor([sample.types], device=device)
-    pos, delta = rope_positions(model, ids, types, vis)  # [3, 1, P], [1, 1]
-    out = unwrap(model)(input_ids=ids, position_ids=pos, mm_token_type_ids=types, use_cache=True, **vis)
-    cache, h = out.past_key_values, out.last_hidden_state[:, -1].expand(G, -1)
+    pos, delta = rope_positions(policy.model, ids, types, vis)  # [3, 1, P], [1, 1]
+    logits, cache = policy(input_ids=ids, position_ids=pos, mm_token_type_ids=types, use_cache=True, **vis)
     cache.batch_repeat_interleave(G)  # [1, heads, P, d] -> [G, heads, P, d]: the shared prefix
+    logits = logits.expand(G, -1)
     eos = torch.tensor(eos_ids, device=device)
     done = torch.zeros(G, dtype=torch.bool, device=device)
     tokens, logps = [], []
     for t in range(max_new_tokens):
-        logits = model.lm_head(h).float()
         logp = torch.log_softmax(logits / temperature + bias, -1)
         nxt = (logits + bias).argmax(-1) if greedy else _sample_token(logp, top_p, generator)
         tokens.append(torch.where(done, pad_id, nxt))
@@ -1032,32 +1111,29 @@ def sample_group(model, sample: Sample, G: int, max_new_tokens: int, temperature
             break
         # the new token's 3-D position is text: cache length + delta on all three axes
         step_pos = (ids.shape[1] + t + delta).view(1, 1, 1).expand(3, G, 1)
-        out = unwrap(model)(input_ids=tokens[-1][:, None], position_ids=step_pos, past_key_values=cache,
-                            use_cache=True)
-        h = out.last_hidden_state[:, -1]
+        logits, cache = policy(input_ids=tokens[-1][:, None], position_ids=step_pos, past_key_values=cache,
+                               use_cache=True)
     return torch.stack(tokens, 1), torch.stack(logps, 1)
 
 
-def sequence_logprobs(model, sample: Sample, completion: torch.Tensor, temperature: float,
+def sequence_logprobs(policy: Policy, sample: Sample, completion: torch.Tensor, temperature: float,
                       bias: torch.Tensor | None) -> torch.Tensor:
     """Scoring forward: log-probs [G, C] of `completion` [G, C] after the prompt, with the same vision inputs,
     second_per_grid_ts and 3-D positions the sampler used (the Video-R1 trainer dropped second_per_grid_ts
     here, so its scores came from different positions than its samples)."""
-    device = model.device
+    device = completion.device
     G, C = completion.shape
-    P = len(sample.ids)
     ids = torch.cat([torch.tensor([sample.ids], device=device).expand(G, -1), completion], 1)  # [G, P + C]
     types = torch.tensor([sample.types + [0] * C], device=device)
     vis = {k: v.to(device) for k, v in sample.vis.items()}
-    pos, _ = rope_positions(model, ids[:1], types, vis)  # identical for every row: completions are text
+    pos, _ = rope_positions(policy.model, ids[:1], types, vis)  # identical for every row: completions are text
     rep = {k: torch.cat([v] * G) for k, v in vis.items()}  # each row carries its own copy of the clip
-    hidden = unwrap(model)(input_ids=ids, position_ids=pos.expand(3, G, -1), mm_token_type_ids=types.expand(G, -1),
-                           **rep).last_hidden_state
-    return token_logprobs(hidden[:, P - 1:-1], model.lm_head.weight, completion, temperature, bias=bias)
+    return policy(completion, temperature, bias, input_ids=ids, position_ids=pos.expand(3, G, -1),
+                  mm_token_type_ids=types.expand(G, -1), **rep)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Checkpoints: a plain HF directory per save (+ optimizer, scheduler, meta), written to a temp dir, renamed
+# Checkpoints: a plain HF directory per save + sharded optimizer state + meta, written to a temp dir, renamed
 # ---------------------------------------------------------------------------------------------------------
 
 def latest_checkpoint(out: str) -> str | None:
@@ -1069,9 +1145,9 @@ def latest_checkpoint(out: str) -> str | None:
     return os.path.join(out, done[-1]) if done else None
 
 
-def save_hf(path: str, model, tokenizer, processor, spec: VisionSpec) -> None:
+def save_hf(path: str, model, tokenizer, processor, spec: VisionSpec, state_dict=None) -> None:
     """What `from_pretrained` needs: weights (safetensors), config, tokenizer, processor config."""
-    model.save_pretrained(path)
+    model.save_pretrained(path, state_dict=state_dict)
     tokenizer.save_pretrained(path)
     if processor is not None:
         processor.save_pretrained(path)
@@ -1082,31 +1158,61 @@ def save_hf(path: str, model, tokenizer, processor, spec: VisionSpec) -> None:
                            merge_size=spec.merge_size, image_processor_type="Qwen2VLImageProcessor"), f, indent=2)
 
 
-def save_checkpoint(args: Args, step: int, model, tokenizer, processor, spec, optimizer, scheduler,
-                    meta: dict) -> str:
+def save_checkpoint(args: Args, step: int, policy, tokenizer, processor, spec, optimizer, scheduler, meta: dict,
+                    rank: int, world: int) -> None:
+    """Called on every rank. Rank 0 writes the consolidated HF model (gathered from all shards); every rank
+    writes its own optimizer shard with torch.distributed.checkpoint. The temp dir becomes step-NNNNNN last."""
     import shutil
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
     tmp, dst = os.path.join(args.out, f".tmp-step-{step:06d}"), os.path.join(args.out, f"step-{step:06d}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_hf(tmp, model, tokenizer, processor, spec)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-               os.path.join(tmp, "trainer_state.pt"))
-    with open(os.path.join(tmp, "meta.json"), "w") as f:  # written last: its presence marks a complete save
-        json.dump(meta, f, indent=2)
-    shutil.rmtree(dst, ignore_errors=True)
-    os.replace(tmp, dst)
-    kept = sorted(d for d in os.listdir(args.out) if re.fullmatch(r"step-\d{6}", d))
-    for old in kept[:-args.save_total_limit]:
-        shutil.rmtree(os.path.join(args.out, old), ignore_errors=True)
-    return dst
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    full = get_model_state_dict(policy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    dcp.save({"optimizer": get_optimizer_state_dict(policy, optimizer)}, checkpoint_id=os.path.join(tmp, "optimizer"),
+             no_dist=world == 1)
+    if rank == 0:
+        save_hf(tmp, policy.model, tokenizer, processor, spec, state_dict=full)
+        torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+        with open(os.path.join(tmp, "meta.json"), "w") as f:  # written last: its presence marks a complete save
+            json.dump(meta, f, indent=2)
+        shutil.rmtree(dst, ignore_errors=True)
+        os.replace(tmp, dst)
+        for old in sorted(d for d in os.listdir(args.out) if re.fullmatch(r"step-\d{6}", d))[:-args.save_total_limit]:
+            shutil.rmtree(os.path.join(args.out, old), ignore_errors=True)
+        if step == args.max_steps:  # the output directory itself is a loadable checkpoint
+            save_hf(args.out, policy.model, tokenizer, processor, spec, state_dict=full)
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def load_optimizer(path: str, policy, optimizer) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    state = {"optimizer": get_optimizer_state_dict(policy, optimizer)}  # initialised state to load into
+    dcp.load(state, checkpoint_id=os.path.join(path, "optimizer"), no_dist=not torch.distributed.is_initialized())
+    set_optimizer_state_dict(policy, optimizer, state["optimizer"])
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Training loop: sample prompts -> transform -> rollout -> reward -> advantages -> log-probs -> step -> log
 # ---------------------------------------------------------------------------------------------------------
 
-def load_policy(path: str, device, args: Args):
+def load_model(path: str, args: Args, device, world: int, trainable: bool = True):
+    """A Policy on `device` (sharded with FSDP2 under torchrun), plus tokenizer, processor and VisionSpec."""
     from transformers import AutoModelForImageTextToText, AutoTokenizer
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).to(device)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+    if args.gradient_checkpointing and trainable:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy = Policy(model)
+    if world > 1:
+        shard(policy, args.bf16, device)  # FSDP2 places each shard on `device`
+    else:
+        policy.to(device)
+    if not trainable:
+        policy.eval().requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(path)
     processor = None
     try:  # the processor classes need torchvision; without it save_hf writes the preprocessor fields itself
@@ -1114,7 +1220,7 @@ def load_policy(path: str, device, args: Args):
         processor = AutoProcessor.from_pretrained(path)
     except (ImportError, OSError, ValueError):
         pass
-    return model, tokenizer, processor, vision_spec(model.config, path if os.path.isdir(path) else None)
+    return policy, tokenizer, processor, vision_spec(model.config, path if os.path.isdir(path) else None)
 
 
 def next_samples(stream: RowStream, n: int, args, spec, tokenizer, counters: dict, bad_names: set) -> list:
@@ -1122,15 +1228,16 @@ def next_samples(stream: RowStream, n: int, args, spec, tokenizer, counters: dic
     than --max_bad_media of the rows tried so far were bad."""
     out = []
     while len(out) < n:
-        idx, row, rng = stream.next()
+        pos, idx, row = stream.next()
         counters["rows_seen"] += 1
         try:
-            out.append(make_sample(row, args, spec, tokenizer, rng))
+            out.append(make_sample(row, args, spec, tokenizer, random.Random(args.seed * 7_919 + pos)))
+            out[-1].pos = pos
         except MediaError as e:
             counters["skipped_media"] += 1
             if row["path"] not in bad_names:
                 bad_names.add(row["path"])
-                print0(f"skipping row {idx}: {e}")  # the message names the file
+                print(f"skipping row {idx}: {e}", flush=True)  # the message names the file
             if counters["rows_seen"] >= 10 and counters["skipped_media"] > args.max_bad_media * counters["rows_seen"]:
                 raise RuntimeError(f"{counters['skipped_media']} of {counters['rows_seen']} rows had unreadable media "
                                    f"(limit --max_bad_media {args.max_bad_media}); check --media_root")
@@ -1143,24 +1250,45 @@ def pad_right(seqs: list[torch.Tensor], value) -> torch.Tensor:
     return torch.cat([F.pad(s, (0, C - s.shape[1]), value=value) for s in seqs])
 
 
+def rollout(policy, samples: list, args: Args, tokenizer, eos_ids: list[int], pad_id: int, bias) -> dict:
+    """G completions per prompt, decoded and rewarded. Each prompt's sampling is seeded by its position in the
+    row stream, so the completions are the same on any number of ranks and after a resume."""
+    G, out = args.num_generations, {"comps": [], "rewards": [], "parts": {}, "texts": []}
+    for s in samples:
+        gen = torch.Generator(bias.device).manual_seed(args.seed * 1_000_003 + s.pos)
+        c, _ = sample_group(policy, s, G, args.max_completion_length, args.temperature, args.top_p, eos_ids,
+                            pad_id, bias, gen)
+        mask = completion_mask(c, eos_ids)
+        texts = tokenizer.batch_decode(c.masked_fill(mask == 0, pad_id), skip_special_tokens=True)
+        acc_shuffled = None
+        if s.shuffled_vis is not None:  # T-GRPO: G/2 completions on permuted frames, scored only
+            cs, _ = sample_group(policy, s, max(1, G // 2), args.max_completion_length, args.temperature,
+                                 args.top_p, eos_ids, pad_id, bias, gen, vis=s.shuffled_vis)
+            acc_shuffled = [accuracy_reward(t, s.solution, s.problem_type)
+                            for t in tokenizer.batch_decode(cs, skip_special_tokens=True)]
+        totals, parts = group_rewards(texts, mask.sum(1).long().tolist(), s.solution, s.problem_type, s.mode,
+                                      s.letter, args.length_bonus, acc_shuffled)
+        out["comps"].append(c)
+        out["rewards"] += totals
+        out["texts"].append(texts)
+        for k, v in parts.items():
+            out["parts"].setdefault(k, []).extend(v)
+    return out
+
+
 def train(args: Args) -> dict:
-    """One stage of training as configured by `args`; returns the last step's metrics."""
+    """One stage of training as configured by `args`; returns the last step's metrics (rank 0)."""
     import time
     from tqdm import tqdm
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world, device = setup_distributed()
+    torch.manual_seed(args.seed + rank)
     rows = load_rows(args.data)  # every row validated before step one
     os.makedirs(args.out, exist_ok=True)
     resume = latest_checkpoint(args.out) if args.resume else None
-    model, tokenizer, processor, spec = load_policy(resume or args.model, device, args)
-    ref = None
-    if args.beta > 0:  # beta = 0 loads no reference model at all
-        from transformers import AutoModelForImageTextToText
-        ref = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32).to(device)
-        ref.eval().requires_grad_(False)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    policy, tokenizer, processor, spec = load_model(resume or args.model, args, device, world)
+    ref = load_model(args.model, args, device, world, trainable=False)[0] if args.beta > 0 else None  # beta 0: none
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     total = max(1, args.max_steps * args.num_iterations)  # optimizer updates
 
     def lr_lambda(u):  # linear warmup, then cosine to zero
@@ -1169,154 +1297,155 @@ def train(args: Args) -> dict:
         return 0.5 * (1 + math.cos(math.pi * (u - args.warmup_steps) / max(1, total - args.warmup_steps)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-    meta = {"step": 0, "cursor": 0, "counters": {"rows_seen": 0, "skipped_media": 0, "nonfinite": 0}}
+    meta = {"step": 0, "cursors": [0] * world, "counters": [dict(rows_seen=0, skipped_media=0, nonfinite=0)] * world}
     if resume:
-        state = torch.load(os.path.join(resume, "trainer_state.pt"), weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
         with open(os.path.join(resume, "meta.json")) as f:
             meta = json.load(f)
+        if len(meta["cursors"]) != world:
+            raise SystemExit(f"{resume} was written by {len(meta['cursors'])} processes; resume with as many")
+        load_optimizer(resume, policy, optimizer)
+        scheduler.load_state_dict(torch.load(os.path.join(resume, "scheduler.pt"), weights_only=True))
         print0(f"resumed from {resume} at step {meta['step']}")
-    counters, bad_names = meta["counters"], set()
-    stream = RowStream(rows, args.seed, cursor=meta["cursor"])
-    G, mode, sft = args.num_generations, prompt_mode(args), args.stage == "sft"
-    gen_eos = model.generation_config.eos_token_id  # Qwen ships [<|im_end|>, <|endoftext|>]
+    counters, bad_names = dict(meta["counters"][rank]), set()
+    stream = RowStream(rows, args.seed, rank, world, meta["cursors"][rank])
+    G, sft = args.num_generations, args.stage == "sft"
+    gen_eos = policy.model.generation_config.eos_token_id  # Qwen ships [<|im_end|>, <|endoftext|>]
     eos_ids = [tokenizer.eos_token_id] + [e for e in (gen_eos if isinstance(gen_eos, list) else [gen_eos])
                                           if e is not None and e != tokenizer.eos_token_id]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    bias = vocab_bias(model, spec, device)
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)  # noqa: E731
-    for name in ("metrics.jsonl", "rollouts.jsonl"):  # a fresh run starts them anew; a resumed one drops the
-        path = os.path.join(args.out, name)  # lines the killed run wrote after its last checkpoint
-        kept = [l for l in open(path)] if resume and os.path.exists(path) else []
-        with open(path, "w") as f:
-            f.writelines(l for l in kept if json.loads(l)["step"] <= meta["step"])
-    log_file = open(os.path.join(args.out, "metrics.jsonl"), "a")
-    bar = tqdm(total=args.max_steps, initial=meta["step"], desc=args.stage, dynamic_ncols=True,
-               disable=int(os.environ.get("RANK", 0)) != 0)
-    m = {}
-    t_start, step0 = time.time(), meta["step"]
+    bias = vocab_bias(policy.model, spec, device)
+    # bf16: FSDP2's mixed precision under torchrun, autocast on a single process (weights stay float32)
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and world == 1)  # noqa
+    if rank == 0:
+        for name in ("metrics.jsonl", "rollouts.jsonl"):  # a fresh run starts them anew; a resumed one drops
+            path = os.path.join(args.out, name)  # the lines the killed run wrote after its last checkpoint
+            kept = [line for line in open(path)] if resume and os.path.exists(path) else []
+            with open(path, "w") as f:
+                f.writelines(line for line in kept if json.loads(line)["step"] <= meta["step"])
+    bar = tqdm(total=args.max_steps, initial=meta["step"], desc=args.stage, dynamic_ncols=True, disable=rank != 0)
+    m, t_start, step0 = {}, time.time(), meta["step"]
     for step in range(meta["step"] + 1, args.max_steps + 1):
         t0 = time.time()
-        # ---- sample prompts (media loaded, transformed, patched)
+        # ---- sample prompts (media loaded, transformed, patched); this rank's share of the global batch
         samples = next_samples(stream, args.per_device_prompts, args, spec, tokenizer, counters, bad_names)
-        # ---- rollout: G completions per prompt from one shared prefill
-        model.eval()
-        gen = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step)  # a resumed run replays it
-        comps, old_lp, rewards, parts_all, texts_all = [], [], [], {}, []
-        with autocast():
-            for s in samples:
-                if sft:  # the target tokens play the role of the completion
-                    target = tokenizer(s.target, add_special_tokens=False)["input_ids"] + [eos_ids[0]]
-                    comps.append(torch.tensor([target], device=device))
-                    continue
-                c, lp = sample_group(model, s, G, args.max_completion_length, args.temperature, args.top_p,
-                                     eos_ids, pad_id, bias, gen)
-                mask = completion_mask(c, eos_ids)
-                texts = tokenizer.batch_decode(c.masked_fill(mask == 0, pad_id), skip_special_tokens=True)
-                lengths = mask.sum(1).long().tolist()
-                acc_shuffled = None
-                if s.shuffled_vis is not None:  # T-GRPO: G/2 completions on permuted frames, scored only
-                    cs, _ = sample_group(model, s, max(1, G // 2), args.max_completion_length, args.temperature,
-                                         args.top_p, eos_ids, pad_id, bias, gen, vis=s.shuffled_vis)
-                    acc_shuffled = [accuracy_reward(t, s.solution, s.problem_type)
-                                    for t in tokenizer.batch_decode(cs, skip_special_tokens=True)]
-                totals, parts = group_rewards(texts, lengths, s.solution, s.problem_type, s.mode, s.letter,
-                                              args.length_bonus, acc_shuffled)
-                comps.append(c)
-                old_lp.append(lp)
-                rewards += totals
-                texts_all.append(texts)
-                for k, v in parts.items():
-                    parts_all.setdefault(k, []).extend(v)
+        # ---- rollout: G completions per prompt from one shared prefill (SFT: the target is the completion)
+        policy.eval()
+        with torch.no_grad(), autocast(), full_weights(policy):
+            if sft:
+                ro = {"comps": [torch.tensor([tokenizer(s.target, add_special_tokens=False)["input_ids"]
+                                              + [eos_ids[0]]], device=device) for s in samples]}
+            else:
+                ro = rollout(policy, samples, args, tokenizer, eos_ids, pad_id, bias)
         t_rollout = time.time() - t0
-        # ---- advantages: (R - group mean) / (group std + 1e-4)
+        completion = pad_right(ro["comps"], pad_id)
+        mask = pad_right([completion_mask(c, eos_ids) for c in ro["comps"]], 0.0)
+        # ---- advantages: groups live on one rank; "batch" scaling needs every rank's rewards
         if not sft:
-            R = torch.tensor(rewards, device=device)
-            adv = group_advantages(R, G, args.scale_rewards)
-            completion = pad_right(comps, pad_id)
-            mask = pad_right([completion_mask(c, eos_ids) for c in comps], 0.0)
+            R_all = torch.tensor(sum(all_gather(ro["rewards"], world), []), device=device)
+            n = len(ro["rewards"])
+            adv = group_advantages(R_all, G, args.scale_rewards)[rank * n:(rank + 1) * n]
         # ---- reference and old log-probs (no grad)
-        model.train()
+        policy.train()
         ref_lp = old = None
         with torch.no_grad(), autocast():
             if ref is not None and not sft:
                 ref_lp = pad_right([sequence_logprobs(ref, s, c, args.temperature, bias)
-                                    for s, c in zip(samples, comps)], 0.0)
+                                    for s, c in zip(samples, ro["comps"])], 0.0)
             if args.num_iterations > 1 and not sft:  # the policy that sampled, for real ratios later
-                old = pad_right([sequence_logprobs(model, s, c, args.temperature, bias)
-                                 for s, c in zip(samples, comps)], 0.0)
+                old = pad_right([sequence_logprobs(policy, s, c, args.temperature, bias)
+                                 for s, c in zip(samples, ro["comps"])], 0.0)
         # ---- loss and optimizer step (num_iterations updates on the same rollout)
         for _ in range(args.num_iterations):
             optimizer.zero_grad(set_to_none=True)
             with autocast():
+                logp = pad_right([sequence_logprobs(policy, s, c, 1.0 if sft else args.temperature, None if sft else bias)
+                                  for s, c in zip(samples, ro["comps"])], 0.0)
                 if sft:  # cross-entropy on the assistant tokens, mean over tokens
-                    lps = [sequence_logprobs(model, s, c, 1.0, None) for s, c in zip(samples, comps)]
-                    loss = -torch.cat([lp.flatten() for lp in lps]).mean()
-                    stats = {}
+                    loss, stats = -(logp * mask).sum() / mask.sum(), {}
                 else:
-                    logp = pad_right([sequence_logprobs(model, s, c, args.temperature, bias)
-                                      for s, c in zip(samples, comps)], 0.0)
                     loss, stats = grpo_loss(logp, old if old is not None else logp.detach(), adv, mask, ref_lp,
                                             args.beta, args.epsilon, args.epsilon_high, args.loss_type,
                                             args.max_completion_length)
-            if not torch.isfinite(loss):  # skip the update, count it, stop past the threshold
+            if not all(all_gather(bool(torch.isfinite(loss)), world)):  # every rank skips together
                 counters["nonfinite"] += 1
-                optimizer.zero_grad(set_to_none=True)
                 print0(f"step {step}: non-finite loss, update skipped ({counters['nonfinite']} so far)")
                 if counters["nonfinite"] > args.max_nonfinite:
                     raise RuntimeError(f"{counters['nonfinite']} non-finite losses (limit --max_nonfinite)")
                 continue
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
+            loss.backward()  # FSDP2 reduce-scatters (averages) gradients across ranks here
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+            grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
             optimizer.step()
             scheduler.step()
         t_step = time.time() - t0
-        # ---- log: one status line, metrics.jsonl, a rollout every --log_rollouts_every steps
-        m = {"step": step, "loss": loss.item(), "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], **stats,
-             "time/rollout": t_rollout, "time/train": t_step - t_rollout,
-             "skipped/media": counters["skipped_media"], "skipped/nonfinite": counters["nonfinite"]}
-        if not sft:
-            zero_std = R.view(-1, G).std(1) == 0
-            m.update({"reward": R.mean().item(), "reward_std": R.view(-1, G).std(1).mean().item(),
-                      "frac_reward_zero_std": zero_std.float().mean().item(),
-                      "completions/mean_length": mask.sum(1).mean().item(),
-                      "completions/clipped_ratio": (mask.sum(1) >= args.max_completion_length).float().mean().item(),
-                      "tokens_per_sec": mask.sum().item() / max(t_rollout, 1e-9)})
-            m.update({f"rewards/{k}/mean": sum(v) / len(v) for k, v in parts_all.items()})
-        log_file.write(json.dumps(m) + "\n")
-        log_file.flush()
-        eta = (time.time() - t_start) / (step - step0) * (args.max_steps - step)
-        line = f"step {step}/{args.max_steps} | loss {m['loss']:.4f} | "
-        if not sft:
-            line += (f"reward {m['reward']:.3f} " + " ".join(f"{k.split('/')[1]} {v:.2f}" for k, v in m.items()
-                                                             if k.startswith("rewards/"))
-                     + f" | zero-std {m['frac_reward_zero_std']:.2f} | len {m['completions/mean_length']:.0f} "
-                     f"| clip {m.get('clip_ratio/region_mean', 0):.3f} | kl {m.get('kl', 0):.4f} | ")
-        line += (f"gnorm {grad_norm:.2f} | lr {m['lr']:.2e} | rollout {t_rollout:.1f}s train {t_step - t_rollout:.1f}s"
-                 f" | eta {eta / 60:.1f}m")
-        if int(os.environ.get("RANK", 0)) == 0:
-            bar.write(line)
-        bar.update(1)
-        if not sft and args.log_rollouts_every and step % args.log_rollouts_every == 0:
-            with open(os.path.join(args.out, "rollouts.jsonl"), "a") as f:
-                for s, texts in zip(samples, texts_all):
-                    for t in texts:
-                        f.write(json.dumps({"step": step, "problem_id": s.row.get("problem_id"), "task": s.task,
-                                            "gt_transform": s.letter, "solution": s.solution, "completion": t}) + "\n")
-            s, t = samples[0], texts_all[0][0]
-            print0(f"  rollout [{s.mode}{'/' + s.task if s.task else ''}] gt {extract_tag(s.solution)!r} "
-                   f"{('transform ' + s.letter) if s.letter else ''}\n  completion: {t[:300]!r}\n  parsed: answer "
-                   f"{extract_tag(t)!r} transform {extract_tag(t, 'transform')!r} reward {rewards[0]:.2f}")
+        # ---- log: gather every rank's numbers; rank 0 prints one status line and appends metrics.jsonl
+        local = {"loss": loss.item(), "stats": stats, "parts": ro.get("parts", {}), "len": mask.sum(1).tolist(),
+                 "texts": ro.get("texts", []), "ids": [(s.row.get("problem_id"), s.task, s.letter, s.solution)
+                                                       for s in samples], "counters": counters, "cursor": stream.cursor}
+        everyone = all_gather(local, world)
+        meta = {"step": step, "cursors": [e["cursor"] for e in everyone], "counters": [e["counters"] for e in everyone],
+                "args": vars(args)}
+        if rank == 0:
+            m = log_step(args, step, everyone, grad_norm, scheduler.get_last_lr()[0], t_rollout, t_step, sft,
+                         R_all if not sft else None)
+            eta = (time.time() - t_start) / (step - step0) * (args.max_steps - step)
+            bar.write(status_line(m, args.max_steps, sft) + f" | eta {eta / 60:.1f}m")
+            bar.update(1)
         # ---- checkpoint (the last step always saves)
-        meta = {"step": step, "cursor": stream.cursor, "counters": counters, "args": vars(args)}
         if step % args.save_steps == 0 or step == args.max_steps:
-            save_checkpoint(args, step, model, tokenizer, processor, spec, optimizer, scheduler, meta)
-            if step == args.max_steps:  # the output directory itself is a loadable checkpoint
-                save_hf(args.out, model, tokenizer, processor, spec)
+            save_checkpoint(args, step, policy, tokenizer, processor, spec, optimizer, scheduler, meta, rank, world)
     bar.close()
-    log_file.close()
     return m
+
+
+def log_step(args, step, everyone, grad_norm, lr, t_rollout, t_step, sft, R) -> dict:
+    """Rank 0: reduce every rank's numbers into one metrics row (TRL's names), dump rollouts every N steps."""
+    mean = lambda xs: sum(xs) / max(1, len(xs))  # noqa: E731
+    lengths = sum((e["len"] for e in everyone), [])
+    m = {"step": step, "loss": mean([e["loss"] for e in everyone]), "grad_norm": grad_norm, "lr": lr,
+         "time/rollout": t_rollout, "time/train": t_step - t_rollout,
+         "skipped/media": sum(e["counters"]["skipped_media"] for e in everyone),
+         "skipped/nonfinite": everyone[0]["counters"]["nonfinite"]}
+    for k in everyone[0]["stats"]:
+        m[k] = mean([e["stats"][k] for e in everyone])
+    if not sft:
+        G = args.num_generations
+        std = R.view(-1, G).std(1)
+        m.update({"reward": R.mean().item(), "reward_std": std.mean().item(),
+                  "frac_reward_zero_std": (std == 0).float().mean().item(),
+                  "completions/mean_length": mean(lengths),
+                  "completions/clipped_ratio": mean([float(n >= args.max_completion_length) for n in lengths]),
+                  "tokens_per_sec": sum(lengths) / max(t_rollout, 1e-9)})
+        for k in everyone[0]["parts"]:
+            m[f"rewards/{k}/mean"] = mean(sum((e["parts"][k] for e in everyone), []))
+    with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(m) + "\n")
+    if not sft and args.log_rollouts_every and step % args.log_rollouts_every == 0:
+        with open(os.path.join(args.out, "rollouts.jsonl"), "a") as f:
+            for rank, e in enumerate(everyone):
+                lens = iter(e["len"])
+                for (pid, task, letter, solution), texts in zip(e["ids"], e["texts"]):
+                    for t in texts:
+                        f.write(json.dumps({"step": step, "rank": rank, "problem_id": pid, "task": task,
+                                            "gt_transform": letter, "solution": solution, "completion": t,
+                                            "length": next(lens)}) + "\n")
+        (pid, task, letter, solution), t = everyone[0]["ids"][0], everyone[0]["texts"][0][0]
+        print(f"  rollout: problem {pid} {('task ' + task + ' gt ' + letter) if task else ''} answer gt "
+              f"{extract_tag(solution)!r}\n  completion: {t[:300]!r}\n  parsed: answer {extract_tag(t)!r} transform "
+              f"{extract_tag(t, 'transform')!r} reward {R[0].item():.2f}", flush=True)
+    return m
+
+
+def status_line(m: dict, max_steps: int, sft: bool) -> str:
+    """One fixed-format line per step: reward and its parts, zero-std groups, length, clipping, KL, grad, speed."""
+    line = f"step {m['step']}/{max_steps} | loss {m['loss']:.4f} | "
+    if not sft:
+        parts = " ".join(f"{k.split('/')[1]} {v:.2f}" for k, v in m.items() if k.startswith("rewards/"))
+        line += (f"reward {m['reward']:.3f} ({parts}) | zero-std {m['frac_reward_zero_std']:.2f} | "
+                 f"len {m['completions/mean_length']:.0f} | clip {m.get('clip_ratio/region_mean', 0):.3f} | "
+                 f"kl {m.get('kl', 0):.4f} | ")
+    return line + (f"gnorm {m['grad_norm']:.2f} | lr {m['lr']:.2e} | rollout {m['time/rollout']:.1f}s "
+                   f"train {m['time/train']:.1f}s")
 
 
 def main(argv=None):
@@ -1325,11 +1454,13 @@ def main(argv=None):
         return run_demo(args)
     if not args.data:
         raise SystemExit("--data is required (a Video-R1 JSON or JSONL file)")
-    torch.manual_seed(args.seed)
     try:
         return train(args)
     except DataError as e:  # a malformed data file: the message is the whole story
         raise SystemExit(f"error: {e}") from None
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------------------------------------
