@@ -6,6 +6,8 @@ import doctest
 import json
 import math
 import os
+import random
+import shutil
 import subprocess
 import sys
 
@@ -16,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+import eval as E  # noqa: E402  (the evaluation script)
 import viss_r1 as V
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -1011,3 +1014,354 @@ def test_torchrun_resume_after_sigkill(demo, tmp_path):
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert [m["reward"] for m in read_metrics(a)] == [m["reward"] for m in read_metrics(b)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# eval.py: the CLI end to end, scoring by hand, torchrun, resume, missing media, probes, batched decoding
+# ---------------------------------------------------------------------------------------------------------
+
+EVAL_SMALL = ["--max_new_tokens", "8", "--nframes", "4", "--min_pixels", "3136", "--max_pixels", "3136"]
+
+# ---------------------------------------------------------------------------------------------------------
+# fixtures: two benchmark files over real clips, a tiny checkpoint, one reference run of the CLI
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def evalset(tmp_path_factory):
+    """eval_mvbench.json (6 MC rows in 2 categories + 1 missing video) and eval_vsibench.jsonl (MC, regression,
+    numerical and a 2:1 clip: prompts and vision-token counts of different lengths, so batches are padded)."""
+    root = tmp_path_factory.mktemp("evalset")
+    rl, _ = V.write_demo_data(str(root / "data"), n=8, size=56)
+    rows = V.load_rows(rl)
+    wide = np.random.default_rng(0).integers(0, 255, (8, 3, 56, 112), dtype=np.uint8)
+    V.write_y4m(str(root / "data" / "videos" / "wide.y4m"), wide)
+    bench = root / "bench"
+    bench.mkdir()
+    mv = [dict(r, original_question_type="colour" if i % 2 else "hue") for i, r in enumerate(rows[:6])]
+    mv.append(dict(rows[6], problem_id=99, path="./videos/missing.y4m", original_question_type="hue"))
+    (bench / "eval_mvbench.json").write_text(json.dumps(mv))
+    num = dict(options=[], original_question_type="count")
+    vsi = [dict(rows[0], problem_id="v0", original_question_type="colour"),
+           dict(rows[1], problem_id="v1", problem="How far does the square move, in pixels?", **num,
+                problem_type="regression", solution="<answer>4.5</answer>"),
+           dict(rows[2], problem_id="v2", problem="How many squares?", **num, problem_type="numerical",
+                solution="<answer>1</answer>"),
+           dict(rows[3], problem_id="v3", path="./videos/wide.y4m", original_question_type="colour")]
+    (bench / "eval_vsibench.jsonl").write_text("\n".join(json.dumps(r) for r in vsi) + "\n")
+    ckpt = V.build_tiny_checkpoint(str(root / "ckpt"), "qwen2_5_vl")
+    return {"root": root, "ckpt": ckpt, "bench": str(bench), "media": str(root / "data")}
+
+
+def run_eval(ev, *args, torchrun=False, timeout=240):
+    """eval.py as a subprocess (torchrun: 2 CPU processes); on a timeout the whole process group is killed, so a
+    hung collective fails the test instead of outliving it."""
+    import signal
+    launcher = [sys.executable] + (["-m", "torch.distributed.run", "--nproc_per_node", "2"] if torchrun else [])
+    cmd = launcher + [os.path.join(HERE, "eval.py"), "--ckpt", ev["ckpt"], "--media_root", ev["media"],
+                      *EVAL_SMALL, *map(str, args)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"), start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def baseline(evalset):
+    """One plain run over both files, batch of 2: the reference the other tests compare against."""
+    out = evalset["root"] / "out_base"
+    r = run_eval(evalset, "--bench", evalset["bench"], "--out", out, "--batch_size", 2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r, out
+
+
+@pytest.fixture(scope="module")
+def eval_ctx(evalset):
+    return E.load_checkpoint(evalset["ckpt"], "cpu")
+
+
+def eval_args(ev, *extra):
+    return E.parse_args(["--ckpt", ev["ckpt"], "--media_root", ev["media"], "--nframes", "4",
+                         "--min_pixels", "3136", "--max_pixels", "12544", *extra])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. the CLI end to end
+# ---------------------------------------------------------------------------------------------------------
+
+def test_cli_end_to_end(evalset, baseline):
+    r, out = baseline
+    res = json.load(open(out / "results.json"))
+    assert set(res["benchmarks"]) == {"mvbench", "vsibench"} and res["args"]["probes"] == ["none"]
+    assert res["args"]["nframes"] == 4 and res["published"]["mvbench"] == ["MVBench", 59.0, 63.9]
+    for name, n in [("mvbench", 7), ("vsibench", 4)]:
+        preds = read_jsonl(out / f"predictions_{name}.jsonl")
+        assert len(preds) == n and len({p["id"] for p in preds}) == n
+        for p in preds:  # every stored score is the scoring function applied to the stored output
+            assert p["prompt"] == "r1" and p["probe"] == "none"
+            if p["failed"] is None:
+                sol = f"<answer>{p['gt']}</answer>"
+                assert (p["answer"], p["score"]) == E.score_item(p["output"], sol, p["problem_type"])
+        assert res["benchmarks"][name]["none"] == E.summarize(preds, name, "none")
+    vsi = res["benchmarks"]["vsibench"]["none"]
+    assert vsi["scored"] == 4 and vsi["paper_style_rule"] == "(acc + MRA) / 2" and vsi["mra"] is not None
+    assert set(vsi["per_category"]) == {"colour", "count"}
+    log = r.stdout
+    for word in ("MVBench", "VSI-Bench", "paper-style", "Qwen2.5-VL-7B", "Video-R1-7B", "59.0", "63.9", "30.1"):
+        assert word in log
+    assert open(out / "results.txt").read().strip() == log[log.index("benchmark  items"):].strip()
+
+
+def test_malformed_benchmark_row_stops_with_its_index(evalset, tmp_path):
+    rows = json.load(open(os.path.join(evalset["bench"], "eval_mvbench.json")))
+    rows[2] = dict(rows[2], solution="B")  # no <answer> tag
+    (tmp_path / "eval_bad.json").write_text(json.dumps(rows))
+    with pytest.raises(SystemExit, match=r"eval_bad.json: row 2: solution"):
+        E.main(["--ckpt", evalset["ckpt"], "--bench", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()  # stopped before anything was written
+
+
+def test_eval_doctests():
+    import doctest
+    assert doctest.testmod(E).failed == 0
+
+
+def test_import_is_cheap():
+    r = subprocess.run([sys.executable, "-c", "import sys, eval; assert 'transformers' not in sys.modules"],
+                       cwd=HERE, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. scoring against hand-computed values
+# ---------------------------------------------------------------------------------------------------------
+
+SCORE_CASES = [
+    # (output, solution, problem_type, parsed answer, score)
+    ("<think>x</think><answer>B</answer>", "<answer>B</answer>", "multiple choice", "B", 1.0),
+    ("<think>x</think><answer> C </answer>", "<answer>B</answer>", "multiple choice", "C", 0.0),
+    ("B", "<answer>B</answer>", "multiple choice", "B", 1.0),  # no tag: the whole output
+    ("  B\n", "<answer>B</answer>", "multiple choice", "B", 1.0),  # ... stripped
+    ("The answer is B", "<answer>B</answer>", "multiple choice", "The answer is B", 0.0),
+    ("<answer>B.</answer>", "<answer>B</answer>", "multiple choice", "B.", 0.0),  # exact match only
+    ("<answer></answer>B", "<answer>B</answer>", "multiple choice", "", 0.0),  # an empty tag is an answer
+    ("<answer>A</answer><answer>B</answer>", "<answer>B</answer>", "multiple choice", "A", 0.0),  # first tag
+    ("<think>x</think><answer>42</answer>", "<answer>42</answer>", "numerical", "42", 1.0),
+    ("42.0", "<answer>42</answer>", "numerical", "42.0", 0.0),  # decimal vs integer: 0 (SPEC §4)
+    ("3.141", "<answer>3.14</answer>", "numerical", "3.141", 1.0),  # rounded to 2 places
+    ("<answer>hello world</answer>", "<answer>hello there world</answer>", "OCR", "hello world", 2 / 3),
+    ("the cat sat", "<answer>the cat sat</answer>", "free-form", "the cat sat", 1.0),
+    # regression: mean relative accuracy over θ = 0.50 .. 0.95
+    ("<answer>10</answer>", "<answer>10</answer>", "regression", "10", 1.0),  # exact
+    ("<answer>10.7</answer>", "<answer>10</answer>", "regression", "10.7", 0.9),  # 7%: all but θ = 0.95
+    ("<answer>11</answer>", "<answer>10</answer>", "regression", "11", 0.9),  # 10%: the 1e-8 keeps θ = 0.90
+    ("<answer>13</answer>", "<answer>10</answer>", "regression", "13", 0.5),  # 30%: θ = 0.50 .. 0.70 (1e-8)
+    ("<answer>15</answer>", "<answer>10</answer>", "regression", "15", 0.1),  # 50%: only θ = 0.50 (1e-8)
+    ("<answer>16</answer>", "<answer>10</answer>", "regression", "16", 0.0),  # 60%
+    ("<answer>5</answer>", "<answer>10</answer>", "regression", "5", 0.1),  # 50% under
+    ("<answer>0</answer>", "<answer>0</answer>", "regression", "0", 1.0),  # gt 0, exact
+    ("<answer>0.001</answer>", "<answer>0</answer>", "regression", "0.001", 0.0),  # gt 0: any miss is total
+    ("<answer>about 3</answer>", "<answer>3</answer>", "regression", "about 3", 0.0),  # unparseable
+    ("3", "<answer>3</answer>", "regression", "3", 1.0),  # whole-output fallback, regression too
+    ("<answer>1,000</answer>", "<answer>1000</answer>", "regression", "1,000", 1.0),
+    ("<answer>nan</answer>", "<answer>3</answer>", "regression", "nan", 0.0),
+]
+
+
+@pytest.mark.parametrize("output,solution,ptype,answer,score", SCORE_CASES)
+def test_score_item(output, solution, ptype, answer, score):
+    got_answer, got_score = E.score_item(output, solution, ptype)
+    assert got_answer == answer and got_score == pytest.approx(score, abs=1e-12)
+
+
+def test_mean_relative_accuracy_direct():
+    assert V.mean_relative_accuracy(10.7, 10) == pytest.approx(0.9)
+    assert V.mean_relative_accuracy(-10, -10) == 1.0 and V.mean_relative_accuracy(10, -10) == 0.0
+    assert V.mean_relative_accuracy("x", 3) == 0.0 and V.mean_relative_accuracy(3, "y") == 0.0
+    assert V.mean_relative_accuracy(float("inf"), 3) == 0.0
+    assert V.MRA_TOLERANCES == (0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.1, 0.05)
+
+
+def _rec(ptype, score, failed=None, category=None, task=None):
+    return {"problem_type": ptype, "score": score, "failed": failed, "category": category, "task": task}
+
+
+def test_summarize_and_paper_style_by_hand():
+    # VSI-Bench: MC 1, 0 -> acc 50; regression 0.9, 0.7 -> MRA 80; paper (50 + 80) / 2 = 65; failures not scored
+    recs = [_rec("multiple choice", 1.0, category="a"), _rec("multiple choice", 0.0, category="b"),
+            _rec("regression", 0.9, category="b"), _rec("regression", 0.7, category="b"),
+            _rec("regression", None, failed="video not found: x.mp4", category="b")]
+    s = E.summarize(recs, "vsibench", "none")
+    assert (s["items"], s["scored"], s["failed"]) == (5, 4, 1)
+    assert (s["accuracy"], s["mra"], s["paper_style"]) == (50.0, 80.0, 65.0)
+    assert s["per_category"] == {"a": {"n": 1, "score": 100.0}, "b": {"n": 3, "score": 53.33}}
+    # MVBench: 19 of 20 right -> 95 raw, 95 x 4000/3800 = 100 paper-style
+    s = E.summarize([_rec("multiple choice", float(i < 19)) for i in range(20)], "eval_mvbench", "none")
+    assert s["accuracy"] == 95.0 and s["paper_style"] == 100.0 and s["paper_style_rule"] == "acc x 4000/3800"
+    s = E.summarize([_rec("multiple choice", 1.0, task="rotate"), _rec("multiple choice", 0.0, task="arrow")],
+                    "tempcompass", "transform")
+    assert s["paper_style"] == 50.0 and s["per_task"] == {"arrow": {"n": 1, "score": 0.0},
+                                                          "rotate": {"n": 1, "score": 100.0}}
+    assert E.reference("eval_videommmu") == "videommmu" and E.reference("Video-MME") == "videomme"
+    assert E.reference("mmvu_mc") == "mmvu" and E.reference("mybench") is None
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. torchrun with 2 CPU processes (gloo) gives what 1 process gives
+# ---------------------------------------------------------------------------------------------------------
+
+def test_torchrun_two_processes_match_one(evalset, baseline, tmp_path):
+    r = run_eval(evalset, "--bench", evalset["bench"], "--out", tmp_path, "--batch_size", 2, torchrun=True,
+                 timeout=180)  # a hang fails here instead of stalling the suite
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("mvbench", "vsibench"):  # same lines, same order
+        assert read_jsonl(tmp_path / f"predictions_{name}.jsonl") == \
+            read_jsonl(baseline[1] / f"predictions_{name}.jsonl")
+    assert json.load(open(tmp_path / "results.json"))["benchmarks"] == \
+        json.load(open(baseline[1] / "results.json"))["benchmarks"]
+    assert r.stdout.count("benchmark  items") == 1  # rank 0 alone prints the table
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. resume after an interruption: each item exactly once, finished items not redone
+# ---------------------------------------------------------------------------------------------------------
+
+def test_resume_writes_each_item_once(evalset, baseline, tmp_path):
+    lines = open(baseline[1] / "predictions_mvbench.jsonl").read().splitlines()
+    kept = [json.loads(line) for line in lines[:3]]
+    kept[1]["output"] = "KEPT"  # a sentinel: redoing the item would overwrite it
+    missing = next(json.loads(line) for line in lines if json.loads(line)["failed"])  # a failure: retried
+    partial = [json.dumps(r) for r in kept + [missing]] + [lines[3][:40]]  # killed while writing line 4
+    (tmp_path / "predictions_mvbench.jsonl").write_text("\n".join(partial))  # no final newline either
+    r = run_eval(evalset, "--bench", os.path.join(evalset["bench"], "eval_mvbench.json"), "--out", tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    preds = read_jsonl(tmp_path / "predictions_mvbench.jsonl")
+    base = {p["id"]: p for p in read_jsonl(baseline[1] / "predictions_mvbench.jsonl")}
+    assert sorted(p["id"] for p in preds) == sorted(base)  # every item exactly once
+    assert {p["id"]: p for p in preds}[kept[1]["id"]]["output"] == "KEPT"
+    assert all(p == base[p["id"]] for p in preds if p["id"] != kept[1]["id"])
+    # a second run finds nothing to do and changes nothing
+    E.main(["--ckpt", evalset["ckpt"], "--bench", os.path.join(evalset["bench"], "eval_mvbench.json"),
+            "--media_root", evalset["media"], "--out", str(tmp_path), *EVAL_SMALL])
+    assert read_jsonl(tmp_path / "predictions_mvbench.jsonl") == preds
+    # different settings refuse to mix into the same predictions
+    with pytest.raises(SystemExit, match="holds predictions made with"):
+        E.main(["--ckpt", evalset["ckpt"], "--bench", evalset["bench"], "--out", str(tmp_path), "--nframes", "8"])
+
+# ---------------------------------------------------------------------------------------------------------
+# 5. a missing video is reported, named and not scored
+# ---------------------------------------------------------------------------------------------------------
+
+def test_missing_video_is_counted_named_and_not_scored(baseline):
+    r, out = baseline
+    s = json.load(open(out / "results.json"))["benchmarks"]["mvbench"]["none"]
+    assert (s["items"], s["scored"], s["failed"]) == (7, 6, 1)
+    assert sum(v["n"] for v in s["per_category"].values()) == 6
+    (bad,) = [p for p in read_jsonl(out / "predictions_mvbench.jsonl") if p["failed"]]
+    assert bad["id"] == "99" and "missing.y4m" in bad["failed"] and bad["score"] is None and bad["output"] is None
+    assert "mvbench: 1 item(s) failed" in r.stdout and "missing.y4m" in r.stdout
+    line = next(line for line in r.stdout.splitlines() if line.startswith("MVBench"))
+    assert line.split()[1:4] == ["7", "6", "1"]
+
+# ---------------------------------------------------------------------------------------------------------
+# 6. probes: each runs and is reported next to the normal score
+# ---------------------------------------------------------------------------------------------------------
+
+def test_probes_run_and_are_reported(evalset, baseline, tmp_path):
+    shutil.copy(baseline[1] / "predictions_vsibench.jsonl", tmp_path)  # the normal pass is resumed, not redone
+    shutil.copy(baseline[1] / "settings.json", tmp_path)
+    bench = os.path.join(evalset["bench"], "eval_vsibench.jsonl")
+    r = run_eval(evalset, "--bench", bench, "--out", tmp_path, "--probe", "blind", "--probe", "transform",
+                 "--probe", "shuffled", "--batch_size", 4)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.load(open(tmp_path / "results.json"))["benchmarks"]["vsibench"]
+    assert list(res) == ["none", "blind", "transform", "shuffled"] and all(s["scored"] == 4 for s in res.values())
+    assert res["none"] == json.load(open(baseline[1] / "results.json"))["benchmarks"]["vsibench"]["none"]
+    assert set(res["transform"]["per_task"]) <= {"rotate", "arrow", "shuffle"} and res["transform"]["per_task"]
+    header = r.stdout[r.stdout.index("benchmark  items"):].splitlines()[0].split()
+    assert header[6:10] == ["paper-style", "blind", "transform", "shuffled"]
+    assert "vsibench/transform pretext accuracy per task" in r.stdout
+    preds = read_jsonl(tmp_path / "predictions_vsibench.jsonl")
+    assert sorted((p["probe"], p["prompt"]) for p in preds).count(("transform", "pretext")) == 4
+    assert len(preds) == 16 and len({(p["probe"], p["id"]) for p in preds}) == 16
+    for p in preds:
+        if p["probe"] == "transform":  # the pretext letter is the ground truth, multiple choice
+            assert p["task"] in V.PRETEXT_TASKS["video"] and p["gt"] in V.LETTERS
+            assert p["problem_type"] == "multiple choice" and p["score"] in (0.0, 1.0)
+
+
+def test_probe_inputs(evalset, eval_ctx):
+    """blind: constant grey pixels, same grid; shuffled: the same frames permuted; transform: the pretext
+    question and letter; all seeded per item (same seed, same transform); the viss prompt on any probe."""
+    args, ctx = eval_args(evalset), eval_ctx
+    row = V.load_rows(os.path.join(evalset["bench"], "eval_vsibench.jsonl"))[3]  # the 2:1 random clip
+    media = V.load_media(V.resolve_path(row["path"], evalset["media"]), "video", nframes=4)
+
+    def make(probe, seed=0, prompt="r1"):
+        return E.prepare(row, media, probe, prompt, args, ctx.spec, ctx.tokenizer, random.Random(seed))
+
+    none, blind = make("none"), make("blind")
+    pix = none.vis["pixel_values_videos"]
+    assert blind.vis["video_grid_thw"].tolist() == none.vis["video_grid_thw"].tolist() and blind.ids == none.ids
+    grey = blind.vis["pixel_values_videos"].view(-1, 3, 2 * 14 * 14)  # rows are (C, tp, p, p): one value per C
+    assert (grey == grey[:1, :, :1]).all() and not (pix == pix[0, 0]).all()
+    shuffled = make("shuffled", 3)
+    assert shuffled.ids == none.ids and not torch.equal(shuffled.vis["pixel_values_videos"], pix)
+    assert float(shuffled.vis["pixel_values_videos"].sum()) == pytest.approx(float(pix.sum()), rel=1e-5)  # same frames
+    t1, t2 = make("transform", 5), make("transform", 5)
+    assert (t1.task, t1.option) == (t2.task, t2.option) and t1.mode == "pretext"
+    assert t1.problem_type == "multiple choice" and t1.solution == f"<answer>{V.LETTERS[t1.option]}</answer>"
+    assert V.pretext_question(t1.task, 4) in ctx.tokenizer.decode(t1.ids)
+    for probe in ("none", "blind", "shuffled"):  # departure 3: the viss prompt, rotate question, answer A
+        viss = make(probe, prompt="viss")
+        assert viss.mode == "viss" and (viss.task, viss.letter) == ("rotate", "A")
+        assert "Transform question:" in ctx.tokenizer.decode(viss.ids)
+    assert torch.equal(make("none", prompt="viss").vis["pixel_values_videos"], pix)  # the clip untouched
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 7. batched greedy decoding == one item at a time == an independent greedy loop, whatever generation_config
+# ---------------------------------------------------------------------------------------------------------
+
+def test_batched_greedy_equals_unbatched(evalset, eval_ctx, tmp_path):
+    args = eval_args(evalset, "--max_new_tokens", "16")
+    rows = V.load_rows(os.path.join(evalset["bench"], "eval_vsibench.jsonl"))
+    ids, every = E.item_ids(rows), list(range(len(rows)))
+    batched = E.predict("vsibench", rows, ids, every, "none", args, eval_ctx)
+    singles = [E.predict("vsibench", rows, ids, [i], "none", args, eval_ctx)[0] for i in every]
+    assert [b["output"] for b in batched] == [s["output"] for s in singles]
+    assert len({b["output"] for b in batched}) > 1  # the outputs depend on the input
+    # the batch really was padded: prompts of different lengths (text and vision tokens)
+    samples = [E.prepare(r, V.load_media(V.resolve_path(r["path"], args.media_root), "video", nframes=4), "none",
+                         "r1", args, eval_ctx.spec, eval_ctx.tokenizer, random.Random(0)) for r in rows]
+    assert len({len(s.ids) for s in samples}) == len(samples)
+    assert len({tuple(s.vis["video_grid_thw"][0].tolist()) for s in samples}) == 2
+    model, tok = eval_ctx.model, eval_ctx.tokenizer
+    for s, b in zip(samples, batched):  # an independent greedy loop: a full forward per token, no cache
+        seq, types = list(s.ids), list(s.types)
+        for _ in range(16):
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([seq]), mm_token_type_ids=torch.tensor([types]),
+                               **s.vis).logits[0, -1]
+            logits[eval_ctx.suppress] = float("-inf")
+            seq.append(int(logits.argmax()))
+            types.append(0)
+            if seq[-1] in eval_ctx.eos_ids:
+                break
+        assert tok.decode(seq[len(s.ids):], skip_special_tokens=True) == b["output"]
+    # a checkpoint shipping Qwen-style near-greedy sampling defaults decodes exactly the same
+    ckpt = shutil.copytree(evalset["ckpt"], tmp_path / "ckpt")
+    cfg = json.load(open(ckpt / "generation_config.json"))
+    cfg.update(do_sample=True, temperature=0.1, top_p=0.001, top_k=1, repetition_penalty=1.5)
+    (ckpt / "generation_config.json").write_text(json.dumps(cfg))
+    ctx = E.load_checkpoint(str(ckpt), "cpu")
+    assert ctx.model.generation_config.repetition_penalty == 1.5
+    assert [r["output"] for r in E.predict("vsibench", rows, ids, every, "none", args, ctx)] == \
+        [b["output"] for b in batched]

@@ -372,12 +372,20 @@ class Media:
     fps: float = 2.0  # sampled fps (videos)
 
 
+class MediaError(Exception):
+    """A row whose video or image cannot be read: training skips and counts it, evaluation reports it."""
+
+
 def load_media(path: str, kind: str, nframes: int | None = None, max_frames: int = 16) -> Media:
-    """Read a row's video or image file into a Media (frames still at the file's resolution)."""
-    if kind == "video":
-        frames, fps = load_video(path, nframes=nframes, max_frames=max_frames)
-        return Media(frames, "video", fps)
-    return Media(load_image(path), "image")
+    """Read a row's video or image file into a Media (frames still at the file's resolution).
+    Raises MediaError, naming the file, when it is missing, truncated or undecodable."""
+    try:
+        if kind == "video":
+            frames, fps = load_video(path, nframes=nframes, max_frames=max_frames)
+            return Media(frames, "video", fps)
+        return Media(load_image(path), "image")
+    except (OSError, ValueError) as e:
+        raise MediaError(str(e)) from None
 
 
 def fit_media(media: Media, spec: VisionSpec, min_pixels: int, max_pixels: int) -> Media:
@@ -736,6 +744,25 @@ def temporal_bonus(acc_ordered: list[float], acc_shuffled: list[float]) -> list[
     return [0.3 if a > 0.1 else 0.0 for a in acc_ordered]
 
 
+MRA_TOLERANCES = tuple(round(0.05 * k, 2) for k in range(10, 0, -1))  # 1 - θ for θ = 0.50, 0.55, ..., 0.95
+
+
+def mean_relative_accuracy(pred, gt) -> float:
+    """VSI-Bench's regression score (SPEC §8): mean over θ in {0.50, ..., 0.95} of 1[|pred - gt| / (|gt| + 1e-8) < 1 - θ].
+
+    pred, gt: numbers or strings ("1,000" reads 1000); unparseable -> 0. The 1e-8 puts an error of exactly
+    1 - θ inside bin θ: 11 for 10 scores 0.9, 15 for 10 scores 0.1.
+    >>> mean_relative_accuracy("10.7", 10)   # 7% off: within every tolerance but 5%
+    0.9
+    """
+    try:
+        p, g = (float(str(x).replace(",", "")) for x in (pred, gt))
+    except ValueError:
+        return 0.0
+    rel = abs(p - g) / (abs(g) + 1e-8)  # nan compares False: 0
+    return sum(rel < tol for tol in MRA_TOLERANCES) / len(MRA_TOLERANCES)
+
+
 def group_rewards(completions: list[str], lengths: list[int], solution: str, problem_type: str,
                   mode: str = "r1", gt_letter: str | None = None, use_length_bonus: bool = True,
                   acc_shuffled: list[float] | None = None) -> tuple[list[float], dict[str, list[float]]]:
@@ -944,10 +971,6 @@ def resolve_path(path: str, media_root: str) -> str:
 # Samples: one data row -> media, transform, prompt ids and vision tensors, ready for a rollout
 # ---------------------------------------------------------------------------------------------------------
 
-class MediaError(Exception):
-    """A row whose video or image cannot be read: skipped and counted, not fatal."""
-
-
 @dataclass
 class Sample:
     row: dict
@@ -971,10 +994,7 @@ class Sample:
 def make_sample(row: dict, args: Args, spec: VisionSpec, tokenizer, rng: random.Random) -> Sample:
     """Load a row's media and build everything one rollout needs. Raises on unreadable media (callers skip)."""
     mode, kind = prompt_mode(args), row["data_type"]
-    try:
-        media = load_media(resolve_path(row["path"], args.media_root), kind, args.nframes or None, args.max_frames)
-    except (OSError, ValueError) as e:  # missing, truncated or undecodable file
-        raise MediaError(str(e)) from None
+    media = load_media(resolve_path(row["path"], args.media_root), kind, args.nframes or None, args.max_frames)
     task = option = None
     if mode == "sft" and "trans_opt" in row:  # ViSS SFT rows replay their stored transform deterministically
         task, option = row["trans_opt"], LETTERS.index(row["trans_ans"])
@@ -1068,6 +1088,15 @@ def vocab_bias(model, spec: VisionSpec, device) -> torch.Tensor:
         if getattr(cfg, name, None) is not None:
             bias[getattr(cfg, name)] = float("-inf")
     return bias
+
+
+def decoding_ids(model, tokenizer) -> tuple[list[int], int]:
+    """(EOS ids, pad id): the tokenizer's EOS first, then the generation config's (Qwen ships both
+    <|im_end|> and <|endoftext|>); pad falls back to the first EOS."""
+    gen = model.generation_config.eos_token_id
+    gen = gen if isinstance(gen, list) else [] if gen is None else [gen]
+    eos = list(dict.fromkeys([tokenizer.eos_token_id, *gen]))
+    return eos, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
 
 
 def _sample_token(logp: torch.Tensor, top_p: float, generator) -> torch.Tensor:
@@ -1309,10 +1338,7 @@ def train(args: Args) -> dict:
     counters, bad_names = dict(meta["counters"][rank]), set()
     stream = RowStream(rows, args.seed, rank, world, meta["cursors"][rank])
     G, sft = args.num_generations, args.stage == "sft"
-    gen_eos = policy.model.generation_config.eos_token_id  # Qwen ships [<|im_end|>, <|endoftext|>]
-    eos_ids = [tokenizer.eos_token_id] + [e for e in (gen_eos if isinstance(gen_eos, list) else [gen_eos])
-                                          if e is not None and e != tokenizer.eos_token_id]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    eos_ids, pad_id = decoding_ids(policy.model, tokenizer)
     bias = vocab_bias(policy.model, spec, device)
     # bf16: FSDP2's mixed precision under torchrun, autocast on a single process (weights stay float32)
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and world == 1)  # noqa

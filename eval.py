@@ -1,0 +1,385 @@
+"""
+Evaluate a Qwen2-VL-family checkpoint on the ViSS-R1 paper's video benchmarks (SPEC §8), in one file.
+
+ViSS-R1 (Fang et al., arXiv 2511.13054) reports VSI-Bench, VideoMMMU, MMVU (multiple choice), MVBench, TempCompass
+and VideoMME (no subtitles) on Video-R1's evaluation files (`eval_*.json`: Video-R1 rows + `original_question_type`).
+This script answers them with a checkpoint written by viss_r1.py (or any Qwen2-VL / Qwen2.5-VL / Qwen3-VL folder or
+hub name): greedy decoding, the r1 prompt, 32 frames of 128·28·28..256·28·28 pixels, the paper's scoring, and a
+table next to the published numbers.
+
+    python eval.py --ckpt out/                                      # every eval_*.json in ./eval
+    python eval.py --ckpt out/ --bench eval/eval_mvbench.json --media_root /data/Evaluation --batch_size 8
+    torchrun --nproc_per_node 8 eval.py --ckpt out/ --bench eval/ --media_root /data/Evaluation
+    python eval.py --ckpt out/ --probe blind --probe shuffled --probe transform   # does the model look?
+    python eval.py --ckpt out/ --limit 20 --nframes 4 --max_new_tokens 64         # a CPU smoke test
+
+Writes to --out (default <ckpt>/eval): predictions_<bench>.jsonl (one line per item and probe: full output, parsed
+answer, score, or why the item failed), results.json and results.txt (the printed table). Started again with the
+same flags, a killed run resumes from the predictions files and never redoes a finished item.
+
+Probes, each reported next to the normal score (always computed):
+  blind      every frame replaced by constant grey of the same shape: what remains is answering without looking
+  shuffled   the frames randomly permuted (seeded per item): what remains needs no temporal order
+  transform  the clip transformed by a random pretext task (seeded per item), only the pretext question asked
+             (pretext prompt): pretext accuracy per task, the skill ViSS-R1 trains
+
+Deliberate departures from the authors' evaluation:
+  1. Greedy decoding where the release sampled at temperature 0.1, top_p 0.001 (near-greedy, not reproducible).
+     Every sampling parameter is passed explicitly, so a checkpoint's generation_config.json cannot add its own
+     (the Qwen-VL Instruct releases ship top_k 1, temperature 0.1, repetition_penalty 1.05).
+  2. An item whose video is missing or undecodable is counted as failed, named in the predictions file and left
+     out of the scores, never scored as wrong; the authors' MVBench correction for missing videos
+     (accuracy × 4000/3800) appears only as the labelled paper-style figure.
+  3. `--prompt viss` shows the untransformed clip with the viss prompt and the rotate question, whose true answer
+     is A (0°, no rotation): only the prompt changes, never the video the user question is about.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import random
+import re
+from types import SimpleNamespace
+
+import torch
+
+import viss_r1 as V
+
+# ---------------------------------------------------------------------------------------------------------
+# Config and benchmarks
+# ---------------------------------------------------------------------------------------------------------
+
+PROBES = ("none", "blind", "transform", "shuffled")
+# key -> (name, Qwen2.5-VL-7B CoT, Video-R1-7B): the published figures at 32 frames (SPEC §8)
+PUBLISHED = {"vsibench": ("VSI-Bench", 30.1, 35.8), "videommmu": ("VideoMMMU", 48.1, 52.3),
+             "mmvu": ("MMVU", 60.0, 63.8), "mvbench": ("MVBench", 59.0, 63.9),
+             "tempcompass": ("TempCompass", 72.6, 73.2), "videomme": ("VideoMME", 56.6, 59.3)}
+CATEGORY_FIELDS = ("original_question_type", "question_type", "task_type", "category")  # first one present
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Evaluate a checkpoint on Video-R1-eval files (see the docstring)")
+    p.add_argument("--ckpt", required=True, help="checkpoint folder (viss_r1.py --out) or hub name")
+    p.add_argument("--bench", nargs="+", default=["eval"], help="benchmark files, or folders of eval_*.json")
+    p.add_argument("--media_root", default=".", help="rows' relative `path`s resolve under this folder")
+    p.add_argument("--out", default=None, help="predictions and results (default: <ckpt>/eval)")
+    p.add_argument("--prompt", choices=("r1", "viss"), default="r1", help="r1 is the paper's evaluation prompt")
+    p.add_argument("--nframes", type=int, default=32, help="frames sampled per clip (the paper: 32)")
+    p.add_argument("--max_pixels", type=int, default=256 * 28 * 28, help="per frame")
+    p.add_argument("--min_pixels", type=int, default=128 * 28 * 28, help="per frame")
+    p.add_argument("--max_new_tokens", type=int, default=1024)
+    p.add_argument("--batch_size", type=int, default=4, help="items per generate call on each process")
+    p.add_argument("--limit", type=int, default=0, help="only the first N rows of each benchmark (0: all)")
+    p.add_argument("--probe", action="append", choices=PROBES, default=[], help="repeatable; see the docstring")
+    p.add_argument("--seed", type=int, default=0, help="seeds the per-item probe transforms")
+    args = p.parse_args(argv)
+    if args.nframes < 2 or args.batch_size < 1:
+        p.error("--nframes must be at least 2 and --batch_size at least 1")
+    args.probes = ["none"] + [q for q in dict.fromkeys(args.probe) if q != "none"]  # the normal score always
+    if args.out is None:  # a hub name gets a local folder, not one inside the hub id
+        args.out = (os.path.join(args.ckpt, "eval") if os.path.isdir(args.ckpt)
+                    else os.path.join("eval_results", args.ckpt.replace("/", "--")))
+    return args
+
+
+def find_benchmarks(specs: list[str]) -> dict[str, str]:
+    """--bench values -> {name: file}; a folder gives its eval_*.json(l); eval_mvbench.json is named "mvbench"."""
+    files = []
+    for s in specs:
+        if not os.path.exists(s):
+            raise SystemExit(f"error: --bench {s}: no such file or folder")
+        files += sorted(glob.glob(os.path.join(s, "eval_*.json*"))) if os.path.isdir(s) else [s]
+    names = [re.sub(r"^eval_", "", os.path.splitext(os.path.basename(f))[0]) for f in files]
+    if not files or len(set(names)) < len(names):
+        raise SystemExit(f"error: --bench {' '.join(specs)} gives no eval_*.json, or two files of one name: {files}")
+    return dict(zip(names, files))
+
+
+def reference(name: str) -> str | None:
+    """The PUBLISHED key a benchmark name refers to ("eval_mmvu_mc" -> "mmvu"), if any."""
+    flat = re.sub(r"[^a-z0-9]", "", name.lower())
+    return next((k for k in PUBLISHED if k in flat), None)
+
+
+def item_ids(rows: list[dict]) -> list[str]:
+    """problem_id when every row has a distinct one (stable if the file is re-sorted), else the row index."""
+    ids = [str(r.get("problem_id")) for r in rows]
+    unique = all("problem_id" in r for r in rows) and len(set(ids)) == len(ids)
+    return ids if unique else [str(i) for i in range(len(rows))]
+
+
+def prompt_kind(probe: str, prompt: str) -> str:
+    return "pretext" if probe == "transform" else prompt
+
+# ---------------------------------------------------------------------------------------------------------
+# Scoring (SPEC §8): pure functions
+# ---------------------------------------------------------------------------------------------------------
+
+def parse_answer(output: str) -> str:
+    """The first <answer> of the output, or the whole output stripped when it has none (SPEC §8)."""
+    return V.extract_tag(output) if re.search(r"<answer>.*?</answer>", output, re.DOTALL) else output.strip()
+
+
+def score_item(output: str, solution: str, problem_type: str) -> tuple[str, float]:
+    """(parsed answer, score in [0, 1]): regression by MRA, every other type by the training reward (SPEC §4)."""
+    answer = parse_answer(output)
+    if problem_type == "regression":
+        return answer, V.mean_relative_accuracy(answer, V.extract_tag(solution))
+    return answer, V.accuracy_reward(f"<answer>{answer}</answer>", solution, problem_type)
+
+
+def paper_style(name: str, acc: float | None, mra: float | None) -> tuple[float | None, str]:
+    """The figure the authors report, and its rule: VSI-Bench (acc + MRA)/2, MVBench acc × 4000/3800."""
+    ref = reference(name)
+    if ref == "vsibench" and acc is not None and mra is not None:
+        return (acc + mra) / 2, "(acc + MRA) / 2"
+    if ref == "mvbench" and acc is not None:
+        return acc * 4000 / 3800, "acc x 4000/3800"
+    return (acc, "acc") if acc is not None else (mra, "MRA")
+
+
+def summarize(records: list[dict], name: str, probe: str) -> dict:
+    """One pass over one benchmark -> counts and scores in percent (None where no item of that kind)."""
+    ok = [r for r in records if r["failed"] is None]
+    mean = lambda xs: 100 * sum(xs) / len(xs) if xs else None  # noqa: E731
+    r2 = lambda x: None if x is None else round(x, 2)  # noqa: E731
+    acc = mean([r["score"] for r in ok if r["problem_type"] != "regression"])
+    mra = mean([r["score"] for r in ok if r["problem_type"] == "regression"])
+    paper, rule = paper_style(name, acc, mra)
+    by = "task" if probe == "transform" else "category"  # pretext accuracy per task, or score per question type
+    groups = {}
+    for r in ok:
+        if r[by] is not None:
+            groups.setdefault(r[by], []).append(r["score"])
+    return {"items": len(records), "scored": len(ok), "failed": len(records) - len(ok), "accuracy": r2(acc),
+            "mra": r2(mra), "paper_style": r2(paper), "paper_style_rule": rule,
+            f"per_{by}": {k: {"n": len(v), "score": r2(mean(v))} for k, v in sorted(groups.items())}}
+
+# ---------------------------------------------------------------------------------------------------------
+# Items: row -> media -> probe -> prompt ids and vision tensors -> batched greedy generate -> record
+# ---------------------------------------------------------------------------------------------------------
+
+def prepare(row: dict, media: V.Media, probe: str, prompt: str, args, spec, tokenizer,
+            rng: random.Random) -> V.Sample:
+    """A row and its loaded clip -> a Sample for generate; the probe acts before resizing, as in training."""
+    kind, frames, T = media.kind, media.frames, media.frames.shape[0]
+    mode, solution, ptype = prompt, row["solution"], row["problem_type"]
+    # departure 3: the viss prompt on the untouched clip asks the rotate question, whose answer is A (0°)
+    task, option = ("rotate", 0) if prompt == "viss" else (None, None)
+    if probe == "blind":  # same shape, so the same grid and number of vision tokens: only the pixels go
+        frames = torch.full_like(frames, 128)
+    elif probe == "shuffled":
+        frames = frames[torch.tensor(rng.sample(range(T), T))]
+    elif probe == "transform":  # the pretext question alone; `shuffle` needs 4 equal groups of frames
+        tasks = tuple(t for t in V.PRETEXT_TASKS[kind] if t != "shuffle" or T % 4 == 0)
+        task, option = V.sample_pretext(kind, tasks, rng)
+        frames = V.apply_pretext(frames, task, option)
+        mode, solution, ptype = "pretext", f"<answer>{V.LETTERS[option]}</answer>", "multiple choice"
+    media = V.fit_media(V.Media(frames, kind, media.fps), spec, args.min_pixels, args.max_pixels)
+    vis = V.vision_inputs(media, spec)
+    grid = vis["video_grid_thw" if kind == "video" else "image_grid_thw"][0].tolist()
+    text = (V.pretext_prompt(task, T) if mode == "pretext" else V.viss_prompt(row, task, T) if mode == "viss"
+            else V.r1_prompt(row))
+    ids, types = V.prompt_ids(tokenizer, text, media, spec, grid)
+    return V.Sample(row, mode, ids, types, vis, solution, ptype, task=task, option=option)
+
+
+@torch.no_grad()
+def generate_batch(model, samples: list[V.Sample], eos_ids: list[int], pad_id: int, suppress: list[int],
+                   max_new_tokens: int) -> torch.Tensor:
+    """Greedy completions of B prompts in one generate call -> new tokens [B, <= max_new_tokens].
+
+    input_ids, mm_token_type_ids, attention_mask [B, L] are padded on the left, so every prompt ends where decoding
+    starts (get_rope_index skips the masked pads); the clips' pixel rows, grids and second_per_grid_ts are
+    concatenated in batch order, the order in which the model hands them to the placeholder runs.
+    """
+    L, dev = max(len(s.ids) for s in samples), model.device
+    left = lambda fill, seq: [fill] * (L - len(seq)) + seq  # noqa: E731
+    ids = torch.tensor([left(pad_id, s.ids) for s in samples], device=dev)
+    types = torch.tensor([left(0, s.types) for s in samples], device=dev)
+    mask = torch.tensor([left(0, [1] * len(s.ids)) for s in samples], device=dev)
+    vis = {k: torch.cat([s.vis[k] for s in samples if k in s.vis]).to(dev) for k in
+           ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+           if any(k in s.vis for s in samples)}
+    out = model.generate(input_ids=ids, attention_mask=mask, mm_token_type_ids=types, **vis, do_sample=False,
+                         temperature=None, top_p=None, top_k=None, repetition_penalty=None, suppress_tokens=suppress,
+                         max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id)
+    return out[:, L:]
+
+
+def load_checkpoint(path: str, device) -> SimpleNamespace:
+    """Model (bf16 on GPU, float32 on CPU), tokenizer, vision spec and the token ids generate needs."""
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    spec = V.vision_spec(model.config, path if os.path.isdir(path) else None)
+    eos_ids, pad_id = V.decoding_ids(model, tokenizer)
+    bias = V.vocab_bias(model, spec, "cpu")  # -inf on the vision placeholders: never generated
+    return SimpleNamespace(model=model, tokenizer=tokenizer, spec=spec, eos_ids=eos_ids, pad_id=pad_id,
+                           suppress=torch.isinf(bias).nonzero().flatten().tolist())
+
+
+def predict(name: str, rows: list[dict], ids: list[str], idx: list[int], probe: str, args, ctx) -> list[dict]:
+    """Records of items `idx` of one benchmark: load, probe, generate as one batch, parse, score."""
+    records, ready = [], []
+    for i in idx:
+        row = rows[i]
+        rec = {"id": ids[i], "index": i, "prompt": prompt_kind(probe, args.prompt), "probe": probe,
+               "problem_type": row["problem_type"], "path": row["path"], "task": None,
+               "category": next((str(row[k]) for k in CATEGORY_FIELDS if k in row), None),
+               "gt": V.extract_tag(row["solution"]), "output": None, "answer": None, "score": None, "failed": None}
+        records.append(rec)
+        try:  # a missing or undecodable file fails this item only; the message names the file
+            media = V.load_media(V.resolve_path(row["path"], args.media_root), row["data_type"], nframes=args.nframes)
+        except V.MediaError as e:
+            rec["failed"] = str(e)
+            continue
+        rng = random.Random(f"{args.seed}/{name}/{ids[i]}/{probe}")  # a str seed hashes the same in every process
+        ready.append((rec, prepare(row, media, probe, args.prompt, args, ctx.spec, ctx.tokenizer, rng)))
+    if ready:
+        new = generate_batch(ctx.model, [s for _, s in ready], ctx.eos_ids, ctx.pad_id, ctx.suppress,
+                             args.max_new_tokens)
+        for (rec, s), text in zip(ready, ctx.tokenizer.batch_decode(new, skip_special_tokens=True)):
+            answer, score = score_item(text, s.solution, s.problem_type)
+            rec.update(problem_type=s.problem_type, task=s.task, gt=V.extract_tag(s.solution), output=text,
+                       answer=answer, score=score)  # type and gt change under the transform probe
+    return records
+
+# ---------------------------------------------------------------------------------------------------------
+# Distributed and resume: item i on rank i % world; rank 0 gathers every batch and appends it
+# ---------------------------------------------------------------------------------------------------------
+
+def check_settings(args) -> str | None:
+    """Predictions in --out must come from the same checkpoint and settings (prompt and probe are in each line)."""
+    now = {"ckpt": os.path.abspath(args.ckpt) if os.path.isdir(args.ckpt) else args.ckpt,
+           **{k: getattr(args, k) for k in ("nframes", "min_pixels", "max_pixels", "max_new_tokens", "seed")}}
+    path = os.path.join(args.out, "settings.json")
+    if not os.path.exists(path):  # a fresh --out: these settings are now its settings
+        with open(path, "w") as f:
+            json.dump(now, f, indent=2)
+    with open(path) as f:
+        old = json.load(f)
+    return None if old == now else f"error: {args.out} holds predictions made with {old}, not {now}; use another --out"
+
+
+def load_predictions(path: str) -> dict[tuple, dict]:
+    """Finished records of an earlier run by (probe, prompt, id), the file rewritten without a killed run's debris:
+    a truncated last line is dropped, and so are failed items, which are tried again (the media may be back)."""
+    done = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:  # the line a killed run was writing
+                    continue
+                if isinstance(r, dict) and r.get("failed") is None and "score" in r:
+                    done[r["probe"], r["prompt"], str(r["id"])] = r
+    with open(path + ".tmp", "w") as f:  # rewritten, so the next append starts on a fresh line
+        f.writelines(json.dumps(r) + "\n" for r in done.values())
+    os.replace(path + ".tmp", path)
+    return done
+
+
+def run_pass(name: str, rows: list[dict], ids: list[str], probe: str, args, ctx, done: dict, path: str) -> None:
+    """Every unfinished item of one benchmark under one probe; rank 0 appends each batch and updates `done`."""
+    from tqdm import tqdm
+    kind = prompt_kind(probe, args.prompt)
+    todo = [i for i in range(len(rows)) if (probe, kind, ids[i]) in ctx.todo]
+    rounds = math.ceil(math.ceil(len(todo) / ctx.world) / args.batch_size)  # the same on every rank
+    scores, failed = [done[k]["score"] for k in ((probe, kind, i) for i in ids) if k in done], 0
+    bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc=name + ("" if probe == "none" else f"/{probe}"),
+               dynamic_ncols=True, disable=ctx.rank != 0)
+    for b in range(rounds):
+        batch = todo[ctx.rank::ctx.world][b * args.batch_size:(b + 1) * args.batch_size]
+        records = sorted(sum(V.all_gather(predict(name, rows, ids, batch, probe, args, ctx), ctx.world), []),
+                         key=lambda r: r["index"])
+        if ctx.rank == 0:
+            with open(path, "a") as f:  # one append per batch, flushed on close: a kill loses this batch at most
+                f.writelines(json.dumps(r) + "\n" for r in records)
+            for r in records:
+                done[r["probe"], r["prompt"], r["id"]] = r
+                scores += [r["score"]] if r["failed"] is None else []
+                failed += r["failed"] is not None
+            bar.update(len(records))
+            bar.set_postfix(score=f"{100 * sum(scores) / max(1, len(scores)):.1f}", failed=failed)
+    bar.close()
+
+# ---------------------------------------------------------------------------------------------------------
+# Report and main
+# ---------------------------------------------------------------------------------------------------------
+
+def format_table(results: dict, probes: list[str]) -> str:
+    """A line per benchmark: counts, raw scores, the paper-style figure, each probe, the published numbers."""
+    f = lambda x: "-" if x is None else f"{x:.1f}" if isinstance(x, float) else str(x)  # noqa: E731
+    rows = [["benchmark", "items", "scored", "failed", "acc", "MRA", "paper-style", *probes[1:], "Qwen2.5-VL-7B",
+             "Video-R1-7B"]]
+    for name, res in results.items():
+        s, ref = res["none"], PUBLISHED.get(reference(name), (name, None, None))
+        rows.append([f(x) for x in [ref[0], s["items"], s["scored"], s["failed"], s["accuracy"], s["mra"],
+                                    s["paper_style"], *(res[p]["paper_style"] for p in probes[1:]), ref[1], ref[2]]])
+    w = [max(len(r[j]) for r in rows) for j in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w[j]) if j else c.ljust(w[j]) for j, c in enumerate(r)) for r in rows]
+    lines[1:1] = ["-" * len(lines[0])]
+    lines += ["acc: mean score of the scored non-regression items; MRA: of the regression items; failed items "
+              "(missing or unreadable media) are not scored.",
+              "paper-style: VSI-Bench (acc + MRA)/2, MVBench acc x 4000/3800 (the authors' missing-video correction), "
+              "others acc; published: the paper's figures at 32 frames."]
+    if len(probes) > 1:
+        lines.append("probes: blind = paper-style score on grey frames, shuffled = on permuted frames, transform = "
+                     "pretext accuracy on transformed clips.")
+    for name, res in results.items():
+        for p, s in res.items():
+            if per := s.get("per_task") or s.get("per_category"):
+                lines.append(f"{name}{'' if p == 'none' else '/' + p} "
+                             f"{'pretext accuracy per task' if p == 'transform' else 'score per category'}: "
+                             + ", ".join(f"{k} {f(v['score'])} (n={v['n']})" for k, v in per.items()))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    try:  # every row of every file validated before the model loads: a bad row stops the run with its index
+        benches = {name: V.load_rows(path) for name, path in find_benchmarks(args.bench).items()}
+    except V.DataError as e:
+        raise SystemExit(f"error: {e}") from None
+    rank, world, device = V.setup_distributed()
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+    if problem := V.all_gather(check_settings(args) if rank == 0 else None, world)[0]:
+        raise SystemExit(problem)  # on every rank together: a lone exit would leave the others waiting
+    ctx = load_checkpoint(args.ckpt, device)
+    ctx.rank, ctx.world, results = rank, world, {}
+    for name, rows in benches.items():
+        ids, rows = item_ids(rows)[:args.limit or None], rows[:args.limit or None]
+        path = os.path.join(args.out, f"predictions_{name}.jsonl")
+        done = load_predictions(path) if rank == 0 else {}
+        wanted = {(p, prompt_kind(p, args.prompt), i) for p in args.probes for i in ids}
+        ctx.todo = V.all_gather(wanted - set(done), world)[0]  # what rank 0 found left to do, on every rank
+        for probe in args.probes:
+            run_pass(name, rows, ids, probe, args, ctx, done, path)
+        if rank == 0:
+            records = {p: [done[p, prompt_kind(p, args.prompt), i] for i in ids] for p in args.probes}
+            results[name] = {p: summarize(records[p], name, p) for p in args.probes}
+            if failed := [r for r in records["none"] if r["failed"] is not None]:  # the same files fail in every probe
+                print(f"{name}: {len(failed)} item(s) failed, e.g. {failed[0]['failed']} (all named in {path})",
+                      flush=True)
+    if rank == 0:
+        table = format_table(results, args.probes)
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump({"args": vars(args), "published": PUBLISHED, "benchmarks": results}, f, indent=2)
+        with open(os.path.join(args.out, "results.txt"), "w") as f:
+            f.write(table + "\n")
+        print(table, flush=True)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return results
+
+
+if __name__ == "__main__":
+    main()
