@@ -46,58 +46,59 @@ def mc_row(**kw):
 # ---------------------------------------------------------------------------------------------------------
 
 A = "<think>x</think><answer>{}</answer>"
-ACCURACY_CASES = [
+MC, NUM, OCR, FREE, REG = "multiple choice", "numerical", "OCR", "free-form", "regression"
+ACCURACY_CASES = [  # (completion, solution, problem_type, expected)
     # multiple choice: exact after strip
-    (A.format("A"), "<answer>A</answer>", "multiple choice", 1.0),
-    ("<answer> B </answer>", "<answer>B</answer>", "multiple choice", 1.0),
-    (A.format("A."), "<answer>A</answer>", "multiple choice", 0.0),
-    (A.format("(A)"), "<answer>A</answer>", "multiple choice", 0.0),
-    (A.format("a"), "<answer>A</answer>", "multiple choice", 0.0),
-    ("A", "<answer>A</answer>", "multiple choice", 0.0),  # no tag -> "" in training
-    (A.format(""), "<answer>A</answer>", "multiple choice", 0.0),
-    ("<answer>B</answer><answer>A</answer>", "<answer>A</answer>", "multiple choice", 0.0),  # first tag counts
-    ("<answer>\nC\n</answer>", "<answer>C</answer>", "multiple choice", 1.0),
-    (A.format("A"), "<answer> A </answer>", "multiple choice", 1.0),
+    (A.format("A"), "<answer>A</answer>", MC, 1.0),
+    ("<answer> B </answer>", "<answer>B</answer>", MC, 1.0),
+    (A.format("A."), "<answer>A</answer>", MC, 0.0),
+    (A.format("(A)"), "<answer>A</answer>", MC, 0.0),
+    (A.format("a"), "<answer>A</answer>", MC, 0.0),
+    ("A", "<answer>A</answer>", MC, 0.0),  # no tag -> "" in training
+    (A.format(""), "<answer>A</answer>", MC, 0.0),
+    ("<answer>B</answer><answer>A</answer>", "<answer>A</answer>", MC, 0.0),  # first tag counts
+    ("<answer>\nC\n</answer>", "<answer>C</answer>", MC, 1.0),
+    (A.format("A"), "<answer> A </answer>", MC, 1.0),
     # numerical: decimal-ness must agree, then round to 2 places
-    (A.format("42"), "<answer>42</answer>", "numerical", 1.0),
-    (A.format("42.0"), "<answer>42</answer>", "numerical", 0.0),
-    (A.format("3.14"), "<answer>3.14</answer>", "numerical", 1.0),
-    (A.format("3.141"), "<answer>3.14</answer>", "numerical", 1.0),
-    (A.format("3.146"), "<answer>3.14</answer>", "numerical", 0.0),
-    (A.format("1,000"), "<answer>1000</answer>", "numerical", 0.0),
-    (A.format("1,000"), "<answer>1,000</answer>", "numerical", 1.0),
-    (A.format("1,000.5"), "<answer>1000.5</answer>", "numerical", 1.0),
-    (A.format("abc"), "<answer>5</answer>", "numerical", 0.0),
-    ("5", "<answer>5</answer>", "numerical", 0.0),
-    (A.format("-7"), "<answer>-7</answer>", "numerical", 1.0),
-    (A.format("7"), "<answer>-7</answer>", "numerical", 0.0),
-    (A.format("2.50"), "<answer>2.5</answer>", "numerical", 1.0),
+    (A.format("42"), "<answer>42</answer>", NUM, 1.0),
+    (A.format("42.0"), "<answer>42</answer>", NUM, 0.0),
+    (A.format("3.14"), "<answer>3.14</answer>", NUM, 1.0),
+    (A.format("3.141"), "<answer>3.14</answer>", NUM, 1.0),
+    (A.format("3.146"), "<answer>3.14</answer>", NUM, 0.0),
+    (A.format("1,000"), "<answer>1000</answer>", NUM, 0.0),
+    (A.format("1,000"), "<answer>1,000</answer>", NUM, 1.0),
+    (A.format("1,000.5"), "<answer>1000.5</answer>", NUM, 1.0),
+    (A.format("abc"), "<answer>5</answer>", NUM, 0.0),
+    ("5", "<answer>5</answer>", NUM, 0.0),
+    (A.format("-7"), "<answer>-7</answer>", NUM, 1.0),
+    (A.format("7"), "<answer>-7</answer>", NUM, 0.0),
+    (A.format("2.50"), "<answer>2.5</answer>", NUM, 1.0),
     # OCR: 1 - word error rate, clipped
-    (A.format("hello world"), "<answer>hello world</answer>", "OCR", 1.0),
-    (A.format("hello"), "<answer>hello world</answer>", "OCR", 0.5),
-    (A.format("hello there world"), "<answer>hello world</answer>", "OCR", 0.5),
-    (A.format("x y z"), "<answer>a</answer>", "OCR", 0.0),
-    (A.format(""), "<answer>a b</answer>", "OCR", 0.0),
-    (A.format("Hello world"), "<answer>hello world</answer>", "OCR", 0.5),
-    (A.format("a x c d"), "<answer>a b c d</answer>", "OCR", 0.75),
-    (A.format("b c d"), "<answer>a b c d</answer>", "OCR", 0.75),
+    (A.format("hello world"), "<answer>hello world</answer>", OCR, 1.0),
+    (A.format("hello"), "<answer>hello world</answer>", OCR, 0.5),
+    (A.format("hello there world"), "<answer>hello world</answer>", OCR, 0.5),
+    (A.format("x y z"), "<answer>a</answer>", OCR, 0.0),
+    (A.format(""), "<answer>a b</answer>", OCR, 0.0),
+    (A.format("Hello world"), "<answer>hello world</answer>", OCR, 0.5),
+    (A.format("a x c d"), "<answer>a b c d</answer>", OCR, 0.75),
+    (A.format("b c d"), "<answer>a b c d</answer>", OCR, 0.75),
     # free-form: mean ROUGE-1/2/L F
-    (A.format("the cat sat"), "<answer>the cat sat</answer>", "free-form", 1.0),
-    (A.format("the cat"), "<answer>the cat sat</answer>", "free-form", (0.8 + 2 / 3 + 0.8) / 3),
-    (A.format("the cat"), "<answer>The cat!</answer>", "free-form", 1.0),
-    (A.format("dog runs"), "<answer>the cat sat</answer>", "free-form", 0.0),
-    (A.format("b a"), "<answer>a b</answer>", "free-form", 0.5),
-    (A.format(""), "<answer>a b</answer>", "free-form", 0.0),
-    (A.format("cats"), "<answer>cat</answer>", "free-form", 0.0),  # no stemming (departure 3)
+    (A.format("the cat sat"), "<answer>the cat sat</answer>", FREE, 1.0),
+    (A.format("the cat"), "<answer>the cat sat</answer>", FREE, (0.8 + 2 / 3 + 0.8) / 3),
+    (A.format("the cat"), "<answer>The cat!</answer>", FREE, 1.0),
+    (A.format("dog runs"), "<answer>the cat sat</answer>", FREE, 0.0),
+    (A.format("b a"), "<answer>a b</answer>", FREE, 0.5),
+    (A.format(""), "<answer>a b</answer>", FREE, 0.0),
+    (A.format("cats"), "<answer>cat</answer>", FREE, 0.0),  # no stemming (departure 3)
     # regression: 1 - relative error, clipped
-    (A.format("4"), "<answer>5</answer>", "regression", 0.8),
-    (A.format("4.5"), "<answer>5</answer>", "regression", 0.9),
-    (A.format("10"), "<answer>5</answer>", "regression", 0.0),
-    (A.format("-5"), "<answer>5</answer>", "regression", 0.0),
-    (A.format("0"), "<answer>0</answer>", "regression", 0.0),  # (0 + 1e-9) / (0 + 1e-9) = 1
-    (A.format("abc"), "<answer>5</answer>", "regression", 0.0),
-    (A.format("1,000"), "<answer>1000</answer>", "regression", 1.0),
-    (A.format("2"), "<answer>4</answer>", "regression", 0.5),
+    (A.format("4"), "<answer>5</answer>", REG, 0.8),
+    (A.format("4.5"), "<answer>5</answer>", REG, 0.9),
+    (A.format("10"), "<answer>5</answer>", REG, 0.0),
+    (A.format("-5"), "<answer>5</answer>", REG, 0.0),
+    (A.format("0"), "<answer>0</answer>", REG, 0.0),  # (0 + 1e-9) / (0 + 1e-9) = 1
+    (A.format("abc"), "<answer>5</answer>", REG, 0.0),
+    (A.format("1,000"), "<answer>1000</answer>", REG, 1.0),
+    (A.format("2"), "<answer>4</answer>", REG, 0.5),
     # anything else
     (A.format("A"), "<answer>A</answer>", "yes/no", 0.0),
 ]
@@ -809,6 +810,21 @@ def test_sft_loss_falls_and_rl_reward_rises(demo, sft_ckpt, tmp_path):
     acc = [m["rewards/accuracy/mean"] for m in read_metrics(out)]
     print(f"accuracy per step: {[round(a, 2) for a in acc]}")
     assert np.mean(acc[-5:]) > np.mean(acc[:5]) + 0.25
+
+
+def test_num_iterations_reuses_the_rollout_and_clips(demo, sft_ckpt, tmp_path):
+    """With --num_iterations 2 the second update sees ratios != 1 against the stored old log-probs."""
+    rows = [dict(r, solution="<answer>A</answer>") for r in V.load_rows(demo["rl"])]
+    data = tmp_path / "all_a.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    out = str(tmp_path / "clip")
+    V.train(V.parse_args(["--stage", "grpo", "--model", sft_ckpt, "--data", str(data), "--media_root", demo["media"],
+                          "--out", out, *SMALL, "--num_generations", "8", "--max_completion_length", "16",
+                          "--learning_rate", "2e-2", "--max_steps", "3", "--beta", "0", "--num_iterations", "2",
+                          "--epsilon", "0.05", "--save_steps", "1000"]))
+    ms = read_metrics(out)
+    assert max(m["clip_ratio/region_mean"] for m in ms) > 0
+    assert all(m["clip_ratio/region_mean"] <= 1 for m in ms)
 
 
 def test_resume_after_sigkill_matches_uninterrupted(demo, tmp_path):

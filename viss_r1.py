@@ -14,8 +14,17 @@ and for answering the user's question about the restored clip, inside the same G
                    reward = accuracy + 0.5 transform + format (+ length), no KL term
     GRPO / T-GRPO  the Video-R1 baseline on the original clip, beta 0.04
 
-The file reads top to bottom in data-flow order: media -> pretext transforms -> prompts -> rewards -> GRPO
-math -> data. Every piece others copy is a small pure function; importing this module loads nothing heavy
+Run it:
+    python viss_r1.py --demo                          # CPU, no downloads, ~7 min: SFT -> Pretext-GRPO / ViSS-R1
+    python viss_r1.py --stage viss --model sft_out/ --data train.jsonl --media_root data/ --out out/
+    torchrun --nproc_per_node 8 viss_r1.py --stage viss --model sft_out/ --data train.jsonl \
+        --media_root data/ --out out/ --bf16 --gradient_checkpointing        # the paper: 8 GPUs, FSDP2
+    torchrun --nproc_per_node 8 viss_r1.py ... --resume                      # continue after a kill
+    python eval.py --ckpt out/                                               # the six benchmarks
+
+The file reads top to bottom in data-flow order: config -> distributed -> media -> pretext transforms ->
+prompts -> rewards -> GRPO math -> data -> samples -> rollout -> checkpoints -> training loop -> tiny models
+and the demo. Every piece others copy is a small pure function; importing this module loads nothing heavy
 (transformers and decord are imported inside the functions that need them).
 
 Deliberate departures from the authors' release (each one is explained where it is implemented):
@@ -26,6 +35,11 @@ Deliberate departures from the authors' release (each one is explained where it 
   3. Free-form ROUGE tokenizes like rouge-score but without the Porter stemmer.
   4. An explicit `nframes` larger than the clip repeats frames instead of raising (qwen-vl-utils raises).
   5. Images are decoded with Pillow, imported only when an image row is read (decord reads video only).
+  6. Rollouts decode G samples from one shared prefill (the release: generate(num_return_sequences=G), which
+     encodes the video G times); any number of prompts per device (the release: exactly 1).
+  7. Vision placeholder tokens can never be sampled; sampling and scoring use the same masked distribution.
+  8. Every prompt's sampling is seeded by its position in the data stream, so a run resumed after a kill,
+     or run on another number of GPUs, draws the same completions.
 """
 
 from __future__ import annotations
@@ -1601,17 +1615,19 @@ def write_y4m(path: str, frames: np.ndarray, fps: int = 8) -> None:
 DEMO_COLORS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (40, 70, 230), "yellow": (230, 210, 40)}
 
 
-def write_demo_data(root: str, n: int = 64, size: int = 56, frames: int = 8, seed: int = 0) -> tuple[str, str]:
+def write_demo_data(root: str, n: int = 64, size: int = 56, frames: int = 8, seed: int = 0,
+                    n_eval: int = 32) -> tuple[str, str]:
     """Synthetic clips a tiny model can learn from: cues the patch embedding reads directly, as it reads colour.
     The background brightens frame after frame (a reversed clip darkens inside every 2-frame temporal patch:
     arrow) and darkens towards the bottom of every 14x14 patch (a rotation turns that texture: rotate);
     a coloured square drifts over it (the user question asks its colour)."""
-    # writes videos/*.y4m, rl.jsonl (Video-R1 rows) and sft.jsonl (format-only SFT rows, random answers)
+    # writes videos/*.y4m, rl.jsonl (Video-R1 rows), sft.jsonl (format-only SFT rows, random answers) and
+    # eval_demo.json (n_eval held-out clips in Video-R1-eval format, for eval.py)
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(root, "videos"), exist_ok=True)
     names = list(DEMO_COLORS)
-    rl, sft = [], []
-    for i in range(n):
+    rl, sft, held_out = [], [], []
+    for i in range(n + n_eval):
         color = names[i % len(names)]
         texture = 5 * (13 - np.arange(size) % 14)  # darker towards the bottom of every 14x14 patch: rotate
         ramp = 20 + 160 * np.arange(frames) // max(1, frames - 1)  # brighter frame after frame: arrow
@@ -1627,6 +1643,9 @@ def write_demo_data(root: str, n: int = 64, size: int = 56, frames: int = 8, see
                "problem_type": "multiple choice", "options": [f"{LETTERS[k]}. {c}" for k, c in enumerate(names)],
                "solution": f"<answer>{LETTERS[names.index(color)]}</answer>", "path": f"./videos/clip_{i:03d}.y4m",
                "data_source": "demo"}
+        if i >= n:  # held out for evaluation
+            held_out.append(dict(row, original_question_type="colour"))
+            continue
         rl.append(row)
         guess = f"<answer>{LETTERS[rng.integers(4)]}</answer>"  # uninformative: teaches the format only
         sft.append(dict(row, process="<think>I look.</think>", solution=guess))
@@ -1636,6 +1655,8 @@ def write_demo_data(root: str, n: int = 64, size: int = 56, frames: int = 8, see
     for path, data in zip(paths, (rl, sft)):
         with open(path, "w") as f:
             f.write("\n".join(json.dumps(r) for r in data) + "\n")
+    with open(os.path.join(root, "eval_demo.json"), "w") as f:
+        json.dump(held_out, f, indent=1)
     return paths
 
 
