@@ -709,6 +709,10 @@ def test_one_step_of_each_stage_through_the_cli(demo, tmp_path, stage, extra, ke
     assert meta["step"] == 1 and meta["args"]["stage"] == stage
     name, p = next(iter(model.state_dict().items()))
     assert torch.equal(p, saved.state_dict()[name])
+    if stage == "sft":  # a second fresh run into the same --out refuses to overwrite it
+        again = run_cli("--stage", stage, "--model", demo["base"], "--data", data, "--media_root", demo["media"],
+                        "--out", out, "--max_steps", 1, *SMALL, *extra)
+        assert again.returncode != 0 and "pass --resume" in again.stderr
 
 
 @pytest.fixture(scope="module")

@@ -49,6 +49,7 @@ import math
 import os
 import random
 import re
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -1214,8 +1215,10 @@ def save_checkpoint(args: Args, step: int, policy, tokenizer, processor, spec, o
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     full = get_model_state_dict(policy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    dcp.save({"optimizer": get_optimizer_state_dict(policy, optimizer)}, checkpoint_id=os.path.join(tmp, "optimizer"),
-             no_dist=world == 1)
+    with warnings.catch_warnings():  # dcp warns that a single process is a single process
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"optimizer": get_optimizer_state_dict(policy, optimizer)},
+                 checkpoint_id=os.path.join(tmp, "optimizer"), no_dist=world == 1)
     if rank == 0:
         save_hf(tmp, policy.model, tokenizer, processor, spec, state_dict=full)
         torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
@@ -1235,7 +1238,9 @@ def load_optimizer(path: str, policy, optimizer) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
     state = {"optimizer": get_optimizer_state_dict(policy, optimizer)}  # initialised state to load into
-    dcp.load(state, checkpoint_id=os.path.join(path, "optimizer"), no_dist=not torch.distributed.is_initialized())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=os.path.join(path, "optimizer"), no_dist=not torch.distributed.is_initialized())
     set_optimizer_state_dict(policy, optimizer, state["optimizer"])
 
 
@@ -1328,7 +1333,12 @@ def train(args: Args) -> dict:
     torch.manual_seed(args.seed + rank)
     rows = load_rows(args.data)  # every row validated before step one
     os.makedirs(args.out, exist_ok=True)
-    resume = latest_checkpoint(args.out) if args.resume else None
+    resume = latest_checkpoint(args.out)
+    if resume and not args.resume:  # never overwrite a run by accident
+        raise SystemExit(f"error: {args.out} already holds {os.path.basename(resume)}: pass --resume to continue "
+                         f"it, or choose another --out")
+    if args.resume and not resume:
+        print0(f"--resume: no checkpoint in {args.out} yet, starting from step 0")
     policy, tokenizer, processor, spec = load_model(resume or args.model, args, device, world)
     ref = load_model(args.model, args, device, world, trainable=False)[0] if args.beta > 0 else None  # beta 0: none
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
@@ -1665,6 +1675,7 @@ def run_demo(args: Args) -> dict:
     teaches only the output format (random answers), then the paper's two RL recipes from that checkpoint:
     Pretext-GRPO (the pretext letter is the whole reward) and ViSS-R1 GRPO (user answer + transform + format).
     The pretext task is `arrow`, as in the release's final video RL run. --out ends as the ViSS-R1 checkpoint."""
+    import shutil
     import time
     t0 = time.time()
     root = args.out
@@ -1682,6 +1693,8 @@ def run_demo(args: Args) -> dict:
     curves = {}
     for stage, model, data, out, extra in stages:
         print0(f"\n=== {stage}: {model} -> {out} ===")
+        for d in [d for d in os.listdir(out) if re.fullmatch(r"step-\d{6}", d)] if os.path.isdir(out) else []:
+            shutil.rmtree(os.path.join(out, d))  # the demo's own earlier run: start it again
         train(parse_args(["--stage", stage, "--model", model, "--data", data, "--out", out] + common + extra))
         with open(os.path.join(out, "metrics.jsonl")) as f:
             curves[stage] = [json.loads(line) for line in f]
