@@ -1385,3 +1385,40 @@ def test_batched_greedy_equals_unbatched(evalset, eval_ctx, tmp_path):
     assert ctx.model.generation_config.repetition_penalty == 1.5
     assert [r["output"] for r in E.predict("vsibench", rows, ids, every, "none", args, ctx)] == \
         [b["output"] for b in batched]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bench.py: the real CLI end to end at the tiny preset
+# ---------------------------------------------------------------------------------------------------------
+
+def test_bench_tiny_preset_end_to_end(tmp_path):
+    """`python bench.py --preset tiny --json` runs every section; the shared-prefix sampler's greedy output is
+    the generate() output in every configuration; the JSON holds each section's figures."""
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--preset", "tiny", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "== summary" in r.stdout
+    res = json.loads(out.read_text())
+    assert res["sections"] == ["rollout", "logprobs", "step", "scaling"]
+    # 1. rollout: N = 1 (prompt only) then the preset's lengths, all three ways greedy-identical
+    assert [row["new_tokens"] for row in res["rollout"]] == [1, 4, 16]
+    for row in res["rollout"]:
+        assert row["greedy_equal"] is True
+        for way in ("ours", "generate", "copies"):
+            assert row[f"{way}_s"]["n"] == 2 and row[f"{way}_s"]["median"] > 0
+        assert row["speedup"] > 0
+    # 2. log-probs: both modes measured, and they agree
+    lp = res["logprobs"]
+    assert lp["vocab"] == 151936 and lp["max_abs_diff"] < 1e-4
+    assert lp["chunked"]["peak_mib"] > 0 and lp["full"]["peak_mib"] > 0
+    # 3. step: every part timed, FLOPs counted, memory measured
+    step = res["step"]
+    assert set(step["parts"]) == {"rollout", "ref_logprobs", "fwd_bwd", "optimizer"}
+    assert all(step["parts"][k]["median"] > 0 for k in step["parts"])
+    assert 0 < step["mfu"] < 1 and step["peak_mib"] > 0 and step["completion_tok_s"] > 0
+    # 4. scaling: every point of every axis
+    points = [(s["axis"], s[s["axis"]]) for s in res["scaling"]]
+    assert points == [("G", 2), ("G", 4), ("frames", 4), ("frames", 8), ("N", 4), ("N", 8)]
+    assert all(s["step_s"]["median"] > 0 and s["peak_mib"] > 0 for s in res["scaling"])
