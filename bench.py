@@ -6,9 +6,9 @@ locally (no download) at a preset size, writes a real video file (YUV4MPEG2, dec
 training clip, then resized, patched and prompted by viss_r1), and measures in one run, side by side:
 
   1. rollout   viss_r1.sample_group (vision tower + prefill once, KV cache repeated G times) against
-               model.generate(num_return_sequences=G), as the authors' release samples, on the same inputs
-               and the same number of new tokens: wall time, completion tokens/s, ratio. Greedy outputs
-               must be identical, and are checked on every run.
+               model.generate(num_return_sequences=G), as the authors' release samples, on the same long
+               video and the same number of new tokens: wall time, completion tokens/s, ratio. Greedy
+               outputs must be identical, and are checked on every run.
   2. logprobs  viss_r1.token_logprobs (chunked, completion tokens only) against full float32 logits,
                forward + backward at Qwen's 151,936-token vocabulary: peak extra memory and time.
   3. step      one GRPO step (1 prompt x G completions, beta 0.04, AdamW) split into rollout, reference
@@ -16,7 +16,7 @@ training clip, then resized, patched and prompted by viss_r1), and measures in o
   4. scaling   step time and peak memory as G (2, 4, 8, 16), frames (8, 16, 32) and completion length grow.
 
 Usage:
-  python bench.py                               # cpu preset: 16 frames x 128*28*28 px, G 8; ~3 min on 2 cores
+  python bench.py                               # cpu preset: 16 and 32 frames x 128*28*28 px, G 8; ~4 min, 2 cores
   python bench.py --preset tiny --json b.json   # smoke test, < 30 s (the test suite runs it)
   python bench.py --preset gpu --json gpu.json  # paper shapes: 32 frames x 128*28*28 px, G 8, 768 tokens, bf16
   python bench.py --preset 7b                   # Qwen2.5-VL-7B dimensions, random weights: rollout + logprobs
@@ -81,6 +81,7 @@ class Preset:
     vision_intermediate: int
     frames: int  # frames sampled from a src_h x src_w clip, each resized to at most max_pixels
     max_pixels: int
+    rollout_frames: int  # the rollout comparison's clip: a long video, so that the prompt dominates
     new_tokens: tuple  # rollout comparison: short and long completions
     step_tokens: int  # completion length of the GRPO step, also the scaling sweep's base point
     scale_tokens: tuple
@@ -104,28 +105,30 @@ class Preset:
 PAPER_PIXELS = 128 * 28 * 28  # per frame in ViSS-R1 training: at most 128 LLM tokens per 2 frames
 PRESETS = {
     "tiny": Preset(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vision_hidden=32, vision_depth=2,
-                   vision_heads=2, vision_intermediate=64, frames=4, max_pixels=56 * 84, src_h=56, src_w=84, G=4,
+                   vision_heads=2, vision_intermediate=64, frames=4, rollout_frames=4, max_pixels=56 * 84, src_h=56,
+                   src_w=84, G=4,
                    new_tokens=(4, 16), step_tokens=8, scale_tokens=(4, 8), lp_tokens=128, lp_hidden=64, lp_chunk=32,
                    scale_G=(2, 4), scale_frames=(4, 8), repeats=2),
-    # the Pretext-GRPO / Video-R1 clip (16 frames x 128*28*28 px: 1,166 prompt tokens), a 2-layer model
+    # a 2-layer model; the step on the Pretext-GRPO / Video-R1 clip (16 frames x 128*28*28 px: 1,161 prompt
+    # tokens), the rollout on the ViSS-R1 clip (32 frames: 2,121 prompt tokens)
     "cpu": Preset(hidden=192, layers=2, heads=4, kv_heads=2, intermediate=768, vision_hidden=64, vision_depth=2,
-                  vision_heads=2, vision_intermediate=256, frames=16, max_pixels=PAPER_PIXELS,
+                  vision_heads=2, vision_intermediate=256, frames=16, rollout_frames=32, max_pixels=PAPER_PIXELS,
                   new_tokens=(16, 128), step_tokens=64, scale_tokens=(16, 64, 128),
                   lp_tokens=8 * 64, lp_hidden=128, lp_chunk=64),  # 8 chunks, as 8 x 768 make 6 chunks of 1,024
     # the ViSS-R1 clip (32 frames), Qwen2.5-1.5B's language model with the 7B's vision tower: ~2.2B
     # parameters, policy + reference + AdamW fit one 80 GB GPU
     "gpu": Preset(hidden=1536, layers=28, heads=12, kv_heads=2, intermediate=8960, vocab=QWEN_VOCAB,
                   vision_hidden=1280, vision_depth=32, vision_heads=16, vision_intermediate=3420, frames=32,
-                  max_pixels=PAPER_PIXELS, new_tokens=(32, 768), step_tokens=768, scale_tokens=(128, 384, 768),
-                  lp_tokens=8 * 768, lp_hidden=3584, lp_chunk=1024, repeats=5, scale_repeats=3, warmup=2,
-                  bf16=True, grad_ckpt=True),
+                  rollout_frames=32, max_pixels=PAPER_PIXELS, new_tokens=(32, 768), step_tokens=768,
+                  scale_tokens=(128, 384, 768), lp_tokens=8 * 768, lp_hidden=3584, lp_chunk=1024, repeats=5,
+                  scale_repeats=3, warmup=2, bf16=True, grad_ckpt=True),
     # Qwen2.5-VL-7B's dimensions. Its float32 step (weights + grads + AdamW: 16 B/param) needs FSDP over
     # several GPUs, hence rollout and logprobs only (--sections step on one 141 GB GPU will not fit)
     "7b": Preset(hidden=3584, layers=28, heads=28, kv_heads=4, intermediate=18944, vocab=152_064,
                  vision_hidden=1280, vision_depth=32, vision_heads=16, vision_intermediate=3420, frames=32,
-                 max_pixels=PAPER_PIXELS, new_tokens=(32, 768), step_tokens=768, scale_tokens=(128, 384, 768),
-                 lp_tokens=8 * 768, lp_hidden=3584, lp_chunk=1024, repeats=5, scale_repeats=3, warmup=2,
-                 bf16=True, grad_ckpt=True, sections=("rollout", "logprobs")),
+                 rollout_frames=32, max_pixels=PAPER_PIXELS, new_tokens=(32, 768), step_tokens=768,
+                 scale_tokens=(128, 384, 768), lp_tokens=8 * 768, lp_hidden=3584, lp_chunk=1024, repeats=5,
+                 scale_repeats=3, warmup=2, bf16=True, grad_ckpt=True, sections=("rollout", "logprobs")),
 }
 
 # ---------------------------------------------------------------------------------------------------------
@@ -224,7 +227,8 @@ def build_model(skeleton: str, p: Preset, device: torch.device, grad_ckpt: bool 
     hw = half * 3 // 8  # M-RoPE splits head_dim / 2 into time, height, width: 16, 24, 24 for head_dim 128
     cfg.text_config.update(dict(hidden_size=p.hidden, num_hidden_layers=p.layers, num_attention_heads=p.heads,
                                 num_key_value_heads=p.kv_heads, intermediate_size=p.intermediate, head_dim=head_dim,
-                                layer_types=["full_attention"] * p.layers, vocab_size=p.vocab or cfg.text_config.vocab_size))
+                                layer_types=["full_attention"] * p.layers,
+                                vocab_size=p.vocab or cfg.text_config.vocab_size))
     cfg.text_config.rope_parameters["mrope_section"] = [half - 2 * hw, hw, hw]
     cfg.vision_config.update(dict(hidden_size=p.vision_hidden, depth=p.vision_depth, num_heads=p.vision_heads,
                                   intermediate_size=p.vision_intermediate, out_hidden_size=p.hidden,
@@ -247,7 +251,7 @@ def write_clip(path: str, frames: int, height: int, width: int) -> str:
 
 
 ROW = {"problem_id": 0, "problem": "What does the person do after opening the door? ", "data_type": "video",
-       "problem_type": "multiple choice", "options": ["A. sits down", "B. leaves", "C. waves", "D. turns off the light"],
+       "problem_type": "multiple choice", "options": ["A. sits down", "B. leaves", "C. waves", "D. turns it off"],
        "solution": "<answer>B</answer>", "path": "clip.y4m", "data_source": "bench"}
 
 
@@ -345,7 +349,8 @@ def bench_rollout(model, sample: V.Sample, p: Preset, repeats: int, warmup: int,
         rows.append(row)
         print(f"  N={N:<4d} " + "  ".join(f"{k} {row[k + '_s']['median']:6.3f}s ±{row[k + '_s']['spread']:.3f}"
                                           for k in ways)
-              + f"  speedup {row['speedup']:4.2f}x / {row['speedup_vs_copies']:5.2f}x  greedy equal: {equal}", flush=True)
+              + f"  speedup {row['speedup']:4.2f}x / {row['speedup_vs_copies']:5.2f}x  greedy equal: {equal}",
+              flush=True)
     return rows
 
 # ---------------------------------------------------------------------------------------------------------
@@ -457,7 +462,8 @@ def step_worker(job: dict) -> dict:
                          device)[1]
     c, P, patches = flop_counts(model), len(sample.ids), sample.vis["pixel_values_videos"].shape[0]
     return {"G": G, "frames": job["frames"], "N": N, "prompt_tokens": P, "patches": patches,
-            "parts": {k: summary([r[k] for r in runs]) for k in PARTS}, "step_s": summary([sum(r.values()) for r in runs]),
+            "parts": {k: summary([r[k] for r in runs]) for k in PARTS},
+            "step_s": summary([sum(r.values()) for r in runs]),
             "flops": {"rollout": rollout_flops(c, G, P, N, patches), "ref_logprobs": forward_flops(c, G, P, N, patches),
                       "fwd_bwd": 3 * forward_flops(c, G, P, N, patches), "optimizer": 0.0},
             "peak_mib": peak, "params_m": sum(x.numel() for x in model.parameters()) / 1e6, "vision_s": vision_s}
@@ -482,7 +488,7 @@ def parse(argv=None):
     ap = argparse.ArgumentParser(description="ViSS-R1 reference benchmark (see the module docstring)")
     ap.add_argument("--preset", default="cpu", choices=PRESETS, help="model size and workload (the table above)")
     ap.add_argument("--sections", help=f"comma list of {', '.join(SECTIONS)} (default: the preset's)")
-    ap.add_argument("--frames", type=int, help="frames per clip (even)")
+    ap.add_argument("--frames", type=int, help="frames per clip in every section (even)")
     ap.add_argument("--G", type=int, help="completions per prompt")
     ap.add_argument("--new_tokens", help="rollout completion lengths, comma-separated: short,long")
     ap.add_argument("--step_tokens", type=int, help="completion length of the GRPO step and the sweep's base")
@@ -492,8 +498,8 @@ def parse(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", help="also write every figure to this file")
     a = ap.parse_args(argv)
-    flags = dict(frames=a.frames, G=a.G, step_tokens=a.step_tokens, lp_chunk=a.chunk, repeats=a.repeats,
-                 scale_repeats=a.repeats, warmup=a.warmup,
+    flags = dict(frames=a.frames, rollout_frames=a.frames, G=a.G, step_tokens=a.step_tokens, lp_chunk=a.chunk,
+                 repeats=a.repeats, scale_repeats=a.repeats, warmup=a.warmup,
                  new_tokens=a.new_tokens and tuple(int(x) for x in a.new_tokens.split(",")))
     p = replace(PRESETS[a.preset], **{k: v for k, v in flags.items() if v is not None})
     sections = a.sections.split(",") if a.sections else list(p.sections)
@@ -533,7 +539,8 @@ def main(argv=None) -> dict:
 def run(p: Preset, sections: list, device: torch.device, work: str, res: dict) -> None:
     """The clip and the tokenizer skeleton, then the chosen sections in order; every figure goes into `res`."""
     skeleton = build_skeleton(os.path.join(work, "skeleton"))
-    video = write_clip(os.path.join(work, "clip.y4m"), max([p.frames, *p.scale_frames]), p.src_h, p.src_w)
+    video = write_clip(os.path.join(work, "clip.y4m"), max([p.frames, p.rollout_frames, *p.scale_frames]), p.src_h,
+                       p.src_w)
     samples, done, clock = {}, {}, [time.time()]
 
     def sample(frames):
@@ -561,9 +568,11 @@ def run(p: Preset, sections: list, device: torch.device, work: str, res: dict) -
     lap("setup")
     memory = "max_memory_allocated" if device.type == "cuda" else "ru_maxrss rise in a fresh process"
     if "rollout" in sections:
-        print(f"[1] rollout, G={p.G}, greedy. ours: shared-prefix sample_group; generate: generate(num_return_"
-              f"sequences={p.G}); copies: generate on {p.G} copies (transformers 4.x). speedup = generate/ours, copies/ours")
-        res["rollout"] = bench_rollout(build_model(skeleton, p, device).eval(), s, p, p.repeats, p.warmup, device)
+        r = sample(p.rollout_frames)
+        print(f"[1] rollout, G={p.G}, greedy, {p.rollout_frames} frames, grid {r.vis['video_grid_thw'][0].tolist()}, "
+              f"prompt {len(r.ids)} tokens. ours: shared-prefix sample_group; generate: generate(num_return_sequences="
+              f"{p.G}); copies: generate on {p.G} copies (transformers 4.x). speedup = generate/ours, copies/ours")
+        res["rollout"] = bench_rollout(build_model(skeleton, p, device).eval(), r, p, p.repeats, p.warmup, device)
         lap("rollout")
     if "logprobs" in sections:
         print(f"[2] log-probs of {p.lp_tokens} tokens, vocab {QWEN_VOCAB}, width {p.lp_hidden}, chunk {p.lp_chunk}, "
