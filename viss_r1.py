@@ -36,7 +36,8 @@ Deliberate departures from the authors' release (each one is explained where it 
   4. An explicit `nframes` larger than the clip repeats frames instead of raising (qwen-vl-utils raises).
   5. Images are decoded with Pillow, imported only when an image row is read (decord reads video only).
   6. Rollouts decode G samples from one shared prefill (the release: generate(num_return_sequences=G), which
-     encodes the video G times); any number of prompts per device (the release: exactly 1).
+     prefills the prompt G times, and under transformers 4.x also encodes the video G times); any number of
+     prompts per device (the release: exactly 1).
   7. Vision placeholder tokens can never be sampled; sampling and scoring use the same masked distribution.
   8. Every prompt's sampling is seeded by its position in the data stream, so a run resumed after a kill,
      or run on another number of GPUs, draws the same completions.
@@ -1131,7 +1132,8 @@ def sample_group(policy: Policy, sample: Sample, G: int, max_new_tokens: int, te
     """G completions of one prompt -> (token ids [G, C] padded with pad_id after EOS, sampling log-probs [G, C]).
 
     The vision tower and the prompt prefill run ONCE; the KV cache is then repeated G times and the G samples
-    decode together. (`generate(num_return_sequences=G)`, as the release calls it, encodes the video G times.)
+    decode together. (`generate(num_return_sequences=G)`, as the release calls it, prefills the prompt G times;
+    under transformers 4.x it also ran the vision tower G times.)
     Log-probs are log_softmax(logits / τ) at the sampled tokens, the quantity the loss uses.
     """
     device = bias.device
