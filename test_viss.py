@@ -653,6 +653,36 @@ def test_mm_token_type_ids_select_3d_positions(tiny):
     assert not torch.allclose(flat, logits, atol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["video", "image"])
+def test_scoring_encodes_media_once_same_values_and_gradients(tiny, kind):
+    """sequence_logprobs runs the vision tower once for the G rows; the plain forward of G prompt copies (each
+    row its own copy of the pixels) gives the same log-probs and the same gradients, Qwen3-VL deepstack too."""
+    import copy
+    model, tokenizer, spec = tiny
+    media = V.Media(rand_frames(4, 56, 84), "video", 2.0) if kind == "video" else V.Media(rand_frames(1, 56, 84),
+                                                                                          "image")
+    media = V.fit_media(media, spec, min_pixels=4 * spec.factor ** 2, max_pixels=12 * spec.factor ** 2)
+    vis = V.vision_inputs(media, spec)
+    ids, types = V.prompt_ids(tokenizer, "Describe it.", media, spec,
+                              vis.get("video_grid_thw", vis.get("image_grid_thw"))[0].tolist())
+    s = V.Sample(row={}, mode="r1", ids=ids, types=types, vis=vis, solution="", problem_type="free-form")
+    G, comp = 3, torch.randint(0, 100, (3, 5))
+    fast, plain = V.Policy(copy.deepcopy(model)), V.Policy(copy.deepcopy(model))
+    lp_fast = V.sequence_logprobs(fast, s, comp, 0.7, None)
+    full_ids = torch.cat([torch.tensor([ids]).expand(G, -1), comp], 1)
+    full_types = torch.tensor([types + [0] * 5])
+    pos, _ = V.rope_positions(plain.model, full_ids[:1], full_types, vis)
+    lp_plain = plain(comp, 0.7, None, input_ids=full_ids, position_ids=pos.expand(3, G, -1),
+                     mm_token_type_ids=full_types.expand(G, -1), **{k: torch.cat([v] * G) for k, v in vis.items()})
+    assert torch.allclose(lp_fast, lp_plain, atol=1e-5)
+    lp_fast.sum().backward()
+    lp_plain.sum().backward()
+    for (name, a), b in zip(fast.named_parameters(), plain.parameters()):
+        if a.grad is not None or b.grad is not None:
+            assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4), name
+    assert any("visual" in n and p.grad is not None and p.grad.abs().sum() > 0 for n, p in fast.named_parameters())
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the training loop (issue: stages end to end, shared-prefix rollout, resume, broken media)
 # ---------------------------------------------------------------------------------------------------------

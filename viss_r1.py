@@ -36,8 +36,9 @@ Deliberate departures from the authors' release (each one is explained where it 
   4. An explicit `nframes` larger than the clip repeats frames instead of raising (qwen-vl-utils raises).
   5. Images are decoded with Pillow, imported only when an image row is read (decord reads video only).
   6. Rollouts decode G samples from one shared prefill (the release: generate(num_return_sequences=G), which
-     prefills the prompt G times, and under transformers 4.x also encodes the video G times); any number of
-     prompts per device (the release: exactly 1).
+     prefills the prompt G times, and under transformers 4.x also encodes the video G times); the scoring
+     forward encodes each clip once for its G rows (the release: G copies through the vision tower); any
+     number of prompts per device (the release: exactly 1).
   7. Vision placeholder tokens can never be sampled; sampling and scoring use the same masked distribution.
   8. Every prompt's sampling is seeded by its position in the data stream, so a run resumed after a kill,
      or run on another number of GPUs, draws the same completions.
@@ -1077,7 +1078,9 @@ class Policy(torch.nn.Module):
         super().__init__()
         self.model = model  # a *ForConditionalGeneration
 
-    def forward(self, completion=None, temperature: float = 1.0, bias=None, **inputs):
+    def forward(self, completion=None, temperature: float = 1.0, bias=None, rows: int = 1, **inputs):
+        if rows > 1:  # `rows` sequences share one image/clip: run the vision tower once, tile its features
+            inputs["mm_encoder_outputs"] = self.encode_once(inputs, rows)
         out = self.model.model(**inputs)  # the Qwen*VLModel: hidden states, never full-vocabulary logits
         h = out.last_hidden_state
         if completion is None:
@@ -1085,6 +1088,24 @@ class Policy(torch.nn.Module):
         C = completion.shape[1]  # positions P-1 .. P+C-2 predict the C completion tokens
         logp = token_logprobs(h[:, -C - 1:-1], self.model.lm_head.weight, completion, temperature, bias=bias)
         return logp.clone()  # not a view: FSDP2 hooks the output for backward, and views lose the hook
+
+    def encode_once(self, inputs: dict, rows: int) -> dict:
+        """Replace the pixel inputs of ONE image/clip by its vision features repeated for `rows` sequences
+        (the backward pass sums the rows' gradients into the one encoding, as G copies would)."""
+        vlm, out = self.model.model, {}
+        for kind, pixels, grid in (("image", "pixel_values", "image_grid_thw"),
+                                   ("video", "pixel_values_videos", "video_grid_thw")):
+            if inputs.get(pixels) is None:
+                continue
+            enc = getattr(vlm, f"get_{kind}_features")(inputs.pop(pixels), inputs[grid], return_dict=True)
+            enc.pooler_output = tuple(enc.pooler_output) * rows  # per-item features, item = row
+            if getattr(enc, "deepstack_features", None) is not None:  # Qwen3-VL: per layer, per item
+                enc.deepstack_features = [tuple(f) * rows for f in enc.deepstack_features]
+            out[kind] = enc
+        for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts"):
+            if inputs.get(k) is not None:
+                inputs[k] = torch.cat([inputs[k]] * rows)
+        return out
 
 
 def rope_positions(model, ids: torch.Tensor, types: torch.Tensor, vis: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1166,16 +1187,16 @@ def sequence_logprobs(policy: Policy, sample: Sample, completion: torch.Tensor, 
                       bias: torch.Tensor | None) -> torch.Tensor:
     """Scoring forward: log-probs [G, C] of `completion` [G, C] after the prompt, with the same vision inputs,
     second_per_grid_ts and 3-D positions the sampler used (the Video-R1 trainer dropped second_per_grid_ts
-    here, so its scores came from different positions than its samples)."""
+    here, so its scores came from different positions than its samples). The G rows share one run of the
+    vision tower; the trainers that batch G copies of the prompt run it G times."""
     device = completion.device
     G, C = completion.shape
     ids = torch.cat([torch.tensor([sample.ids], device=device).expand(G, -1), completion], 1)  # [G, P + C]
     types = torch.tensor([sample.types + [0] * C], device=device)
     vis = {k: v.to(device) for k, v in sample.vis.items()}
     pos, _ = rope_positions(policy.model, ids[:1], types, vis)  # identical for every row: completions are text
-    rep = {k: torch.cat([v] * G) for k, v in vis.items()}  # each row carries its own copy of the clip
-    return policy(completion, temperature, bias, input_ids=ids, position_ids=pos.expand(3, G, -1),
-                  mm_token_type_ids=types.expand(G, -1), **rep)
+    return policy(completion, temperature, bias, rows=G, input_ids=ids, position_ids=pos.expand(3, G, -1),
+                  mm_token_type_ids=types.expand(G, -1), **vis)
 
 
 # ---------------------------------------------------------------------------------------------------------
