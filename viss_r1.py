@@ -827,10 +827,12 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
 
 def _chunk_logp(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
                 bias: torch.Tensor | None) -> torch.Tensor:
-    logits = (hidden @ weight.T).float() / temperature  # [n, V], float32 only for this chunk
+    logits = (hidden @ weight.T).float()  # [n, V], float32 only for this chunk
+    logits.div_(temperature)  # in place (matmul saves its inputs, not its output): one [n, V] buffer
     if bias is not None:
-        logits = logits + bias
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
+        logits.add_(bias)
+    # log_softmax keeps only its output for backward (logsumexp would keep input and output)
+    return torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
 
 
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
