@@ -803,6 +803,21 @@ def test_sampling_logprobs_match_scoring_forward(demo, loaded, tau):
     assert not torch.isin(comp, torch.tensor(vision)).any()  # placeholders never sampled
 
 
+@pytest.mark.parametrize("kind,expect", [("cosine", [0.5, 1.0, 1.0, 0.5, 0.0]), ("constant", [0.5, 1.0, 1.0, 1.0, 1.0])])
+def test_lr_schedule_warmup_then_cosine_or_constant(kind, expect):
+    args = V.parse_args(["--max_steps", "4", "--warmup_steps", "2", "--lr_scheduler_type", kind,
+                         "--learning_rate", "1e-3"])
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=args.learning_rate)
+    sched, lrs = V.make_scheduler(opt, args), []
+    for _ in range(5):
+        lrs.append(opt.param_groups[0]["lr"] / 1e-3)
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx(expect, abs=1e-9)  # u = 0, 1 warm up; cosine: cos(pi * (u - 2) / 2)
+    with pytest.raises(SystemExit):
+        V.parse_args(["--lr_scheduler_type", "linear"])
+
+
 def test_top_p_and_temperature_sampling():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     gen = torch.Generator().manual_seed(0)

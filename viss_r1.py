@@ -83,7 +83,8 @@ class Args:
     learning_rate: float = 1e-6
     weight_decay: float = 0.01
     max_grad_norm: float = 5.0
-    warmup_steps: int = 0  # then cosine decay to 0 at max_steps
+    warmup_steps: int = 0  # linear warmup, then the schedule below
+    lr_scheduler_type: str = "cosine"  # cosine (decay to 0 at max_steps) | constant
     beta: float | None = None  # KL weight; None = stage preset (0 skips the reference model entirely)
     epsilon: float = 0.2  # clip range below 1
     epsilon_high: float | None = None  # clip range above 1 (None = epsilon)
@@ -139,6 +140,8 @@ def parse_args(argv=None) -> Args:
     for k, v in STAGES[args.stage].items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
+    if args.lr_scheduler_type not in ("cosine", "constant"):
+        p.error(f"--lr_scheduler_type must be cosine or constant, got {args.lr_scheduler_type!r}")
     if args.epsilon_high is None:
         args.epsilon_high = args.epsilon
     tasks = args.pretext_tasks.split(",")
@@ -1349,6 +1352,20 @@ def rollout(policy, samples: list, args: Args, tokenizer, eos_ids: list[int], pa
     return out
 
 
+def make_scheduler(optimizer, args: Args):
+    """Linear warmup over --warmup_steps optimizer updates, then cosine to zero at the last update (or constant)."""
+    total = max(1, args.max_steps * args.num_iterations)  # optimizer updates
+
+    def lr_lambda(u):
+        if u < args.warmup_steps:
+            return (u + 1) / args.warmup_steps
+        if args.lr_scheduler_type == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * (u - args.warmup_steps) / max(1, total - args.warmup_steps)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+
+
 def train(args: Args) -> dict:
     """One stage of training as configured by `args`; returns the last step's metrics (rank 0)."""
     import time
@@ -1367,14 +1384,7 @@ def train(args: Args) -> dict:
     policy, tokenizer, processor, spec = load_model(resume or args.model, args, device, world)
     ref = load_model(args.model, args, device, world, trainable=False)[0] if args.beta > 0 else None  # beta 0: none
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    total = max(1, args.max_steps * args.num_iterations)  # optimizer updates
-
-    def lr_lambda(u):  # linear warmup, then cosine to zero
-        if u < args.warmup_steps:
-            return (u + 1) / args.warmup_steps
-        return 0.5 * (1 + math.cos(math.pi * (u - args.warmup_steps) / max(1, total - args.warmup_steps)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    scheduler = make_scheduler(optimizer, args)
     meta = {"step": 0, "cursors": [0] * world, "counters": [dict(rows_seen=0, skipped_media=0, nonfinite=0)] * world}
     if resume:
         with open(os.path.join(resume, "meta.json")) as f:
