@@ -1436,6 +1436,25 @@ def test_batched_greedy_equals_unbatched(evalset, eval_ctx, tmp_path):
 # bench.py: the real CLI end to end at the tiny preset
 # ---------------------------------------------------------------------------------------------------------
 
+def test_demo_pipeline_end_to_end_with_few_steps(tmp_path):
+    """run_demo at 2 steps a stage: data with the documented cues, three stages, a loadable checkpoint in --out."""
+    import decord
+    out = tmp_path / "demo"
+    summary = V.run_demo(V.parse_args(["--out", str(out)]), sft_steps=2, rl_steps=2)
+    assert {"Pretext-GRPO pretext accuracy", "ViSS-R1 user-question accuracy", "minutes"} <= set(summary)
+    for stage_dir in (out / "sft", out / "pretext", out):
+        assert len(read_metrics(stage_dir)) == 2
+    rows = V.load_rows(str(out / "data" / "rl.jsonl"))
+    assert len(rows) == 64 and len(json.load(open(out / "data" / "eval_demo.json"))) == 32
+    for row in rows[:4]:  # the scene's dominant channel is the answer's colour; it brightens frame by frame
+        clip = decord.VideoReader(str(out / "data" / row["path"])).get_batch(list(range(4))).asnumpy().astype(float)
+        colour = row["options"][V.LETTERS.index(V.extract_tag(row["solution"]))].split(". ")[1]
+        assert np.argmax(V.DEMO_COLORS[colour]) == np.argmax(clip[0].mean((0, 1)))  # [T, H, W, 3]
+        assert np.all(np.diff(clip.mean((1, 2, 3))) > 25)
+    from transformers import AutoModelForImageTextToText
+    AutoModelForImageTextToText.from_pretrained(out)
+
+
 def test_bench_tiny_preset_end_to_end(tmp_path):
     """`python bench.py --preset tiny --json` runs every section; the shared-prefix sampler's greedy output is
     the generate() output in every configuration; the JSON holds each section's figures."""

@@ -1660,12 +1660,13 @@ def write_y4m(path: str, frames: np.ndarray, fps: int = 8) -> None:
 DEMO_COLORS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (40, 70, 230), "yellow": (230, 210, 40)}
 
 
-def write_demo_data(root: str, n: int = 64, size: int = 56, frames: int = 8, seed: int = 0,
+def write_demo_data(root: str, n: int = 64, size: int = 56, frames: int = 4, seed: int = 0,
                     n_eval: int = 32) -> tuple[str, str]:
-    """Synthetic clips a tiny model can learn from: cues the patch embedding reads directly, as it reads colour.
-    The background brightens frame after frame (a reversed clip darkens inside every 2-frame temporal patch:
-    arrow) and darkens towards the bottom of every 14x14 patch (a rotation turns that texture: rotate);
-    a coloured square drifts over it (the user question asks its colour)."""
+    """Synthetic clips a tiny model can learn from: cues every vision token carries, the way it carries colour.
+    The scene is tinted with one of four colours (the user question asks which); grey light is added to it
+    frame after frame, the same in every pixel and for every colour (a reversed clip darkens inside every
+    2-frame temporal patch: arrow); each 14x14 patch darkens towards its bottom (a rotation turns that
+    texture: rotate); a small grey square drifts across as a distractor."""
     # writes videos/*.y4m, rl.jsonl (Video-R1 rows), sft.jsonl (format-only SFT rows, random answers) and
     # eval_demo.json (n_eval held-out clips in Video-R1-eval format, for eval.py)
     rng = np.random.default_rng(seed)
@@ -1674,17 +1675,16 @@ def write_demo_data(root: str, n: int = 64, size: int = 56, frames: int = 8, see
     rl, sft, held_out = [], [], []
     for i in range(n + n_eval):
         color = names[i % len(names)]
-        texture = 5 * (13 - np.arange(size) % 14)  # darker towards the bottom of every 14x14 patch: rotate
-        ramp = 20 + 160 * np.arange(frames) // max(1, frames - 1)  # brighter frame after frame: arrow
-        clip = np.empty((frames, 3, size, size), np.uint8)
-        clip[:] = (ramp[:, None] + texture[None]).astype(np.uint8)[:, None, :, None]
-        s = size // 2
-        y0, x0 = rng.integers(0, size - s), rng.integers(0, size - s)
-        for t in range(frames):  # the square drifts a little from frame to frame
-            dy = min(size - s, y0 + t // 3) - y0
-            clip[t, :, y0 + dy:y0 + dy + s, x0:x0 + s] = np.array(DEMO_COLORS[color], np.uint8)[:, None, None]
+        texture = 2.0 * (np.arange(size) % 14)  # [size] darker towards the bottom of every patch: rotate
+        light = 130.0 * np.arange(frames) / max(1, frames - 1)  # [frames] brighter and brighter: arrow
+        tint = 0.6 * np.array(DEMO_COLORS[color], np.float64)  # [3]
+        clip = tint[None, :, None, None] + light[:, None, None, None] - texture[None, None, :, None]
+        clip = np.broadcast_to(clip.clip(0, 255), (frames, 3, size, size)).astype(np.uint8)  # [frames, 3, H, W]
+        s, y0, x0 = size // 4, rng.integers(0, size // 2), rng.integers(0, size // 2)
+        for t in range(frames):  # the distractor drifts one pixel every other frame
+            clip[t, :, y0 + t // 2:y0 + t // 2 + s, x0:x0 + s] = 128
         write_y4m(os.path.join(root, "videos", f"clip_{i:03d}.y4m"), clip)
-        row = {"problem_id": i, "problem": "What colour is the square in the video?\n", "data_type": "video",
+        row = {"problem_id": i, "problem": "What colour is the scene in the video?\n", "data_type": "video",
                "problem_type": "multiple choice", "options": [f"{LETTERS[k]}. {c}" for k, c in enumerate(names)],
                "solution": f"<answer>{LETTERS[names.index(color)]}</answer>", "path": f"./videos/clip_{i:03d}.y4m",
                "data_source": "demo"}
@@ -1695,7 +1695,7 @@ def write_demo_data(root: str, n: int = 64, size: int = 56, frames: int = 8, see
         guess = f"<answer>{LETTERS[rng.integers(4)]}</answer>"  # uninformative: teaches the format only
         sft.append(dict(row, process="<think>I look.</think>", solution=guess))
         sft.append(dict(row, process="<think>I look.</think>", solution=guess,
-                        trans_opt="rotate", trans_ans="A"))  # the 3-tag ViSS format, transform always "A"
+                        trans_opt="arrow", trans_ans="A"))  # the 3-tag ViSS format, transform always "A"
     paths = os.path.join(root, "rl.jsonl"), os.path.join(root, "sft.jsonl")
     for path, data in zip(paths, (rl, sft)):
         with open(path, "w") as f:
@@ -1705,24 +1705,27 @@ def write_demo_data(root: str, n: int = 64, size: int = 56, frames: int = 8, see
     return paths
 
 
-def run_demo(args: Args) -> dict:
+def run_demo(args: Args, sft_steps: int = 100, rl_steps: int = 120) -> dict:
     """`python viss_r1.py --demo`: on synthetic clips with a tiny Qwen2.5-VL built on the spot, a short SFT that
     teaches only the output format (random answers), then the paper's two RL recipes from that checkpoint:
     Pretext-GRPO (the pretext letter is the whole reward) and ViSS-R1 GRPO (user answer + transform + format).
-    The pretext task is `arrow`, as in the release's final video RL run. --out ends as the ViSS-R1 checkpoint."""
+    The pretext task is `arrow`, as in the release's final video RL run. --out ends as the ViSS-R1 checkpoint.
+    Frames are 168x168 (72 vision tokens per clip): at 112x112 the colour reached the answer on some seeds only."""
     import shutil
     import time
     t0 = time.time()
     root = args.out
-    rl, sft = write_demo_data(os.path.join(root, "data"), size=112)
+    rl, sft = write_demo_data(os.path.join(root, "data"), size=168)
     corpus = [r1_prompt(json.loads(line)) for line in open(rl)][:4]
     base = build_tiny_checkpoint(os.path.join(root, "base"), "qwen2_5_vl", corpus=corpus, vision_hidden=64,
                                  vocab_size=2000, seed=args.seed)
-    common = ["--media_root", os.path.join(root, "data"), "--nframes", "4", "--min_pixels", "12544",
-              "--max_pixels", "12544", "--per_device_prompts", "8", "--save_steps", "100000",
+    common = ["--media_root", os.path.join(root, "data"), "--nframes", "4", "--min_pixels", "28224",
+              "--max_pixels", "28224", "--per_device_prompts", "8", "--save_steps", "100000",
               "--log_rollouts_every", "25", "--seed", str(args.seed), "--pretext_tasks", "arrow"]
-    rlx = ["--learning_rate", "1e-3", "--max_steps", "100", "--temperature", "0.7", "--max_completion_length", "20"]
-    stages = [("sft", base, sft, root + "/sft", ["--learning_rate", "3e-3", "--max_steps", "100"]),
+    # constant lr: with cosine decay, runs that find the cue late (seed-dependent) stall before they reach it
+    rlx = ["--learning_rate", "1e-3", "--lr_scheduler_type", "constant", "--max_steps", str(rl_steps),
+           "--temperature", "0.7", "--max_completion_length", "20"]
+    stages = [("sft", base, sft, root + "/sft", ["--learning_rate", "3e-3", "--max_steps", str(sft_steps)]),
               ("pretext", root + "/sft", rl, root + "/pretext", rlx),
               ("viss", root + "/sft", rl, root, rlx)]
     curves = {}
