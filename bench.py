@@ -456,7 +456,7 @@ def step_worker(job: dict) -> dict:
         grpo_step(policy, ref, optimizer, sample, 2 if small else G, 2 if small else N, bias, eos, gen, p, device)
     runs = [grpo_step(policy, ref, optimizer, sample, G, N, bias, eos, gen, p, device) for _ in range(job["repeats"])]
     peak = peak_mib(device, mark)
-    with torch.no_grad(), autocast(device, p):  # one vision-tower forward; each scoring forward runs it G times
+    with torch.no_grad(), autocast(device, p):  # one vision-tower forward; each scoring forward runs it once
         vis = {k: v.to(device) for k, v in sample.vis.items()}
         vision_s = timed(lambda: model.model.visual(vis["pixel_values_videos"], grid_thw=vis["video_grid_thw"]),
                          device)[1]
@@ -606,8 +606,8 @@ def print_step(r: dict) -> dict:
     print(f"  step          {t:7.3f}s ±{r['step_s']['spread']:.3f}  {r['completion_tok_s']:.0f} completion tok/s, "
           f"{r['train_tok_s']:.0f} train tok/s, MFU {r['mfu']:.2%}, peak {r['peak_mib']:.0f} MiB, "
           f"{r['params_m']:.1f}M params")
-    print(f"  one vision-tower forward takes {r['vision_s']:.3f}s and each scoring forward runs it G={r['G']} times "
-          f"(~{r['G'] * r['vision_s'] / r['parts']['ref_logprobs']['median']:.0%} of ref_logprobs); the prompt is "
+    print(f"  one vision-tower forward takes {r['vision_s']:.3f}s, once per scoring forward for all G={r['G']} rows "
+          f"({r['vision_s'] / r['parts']['ref_logprobs']['median']:.0%} of ref_logprobs); the prompt is "
           f"{r['prompt_tokens'] / (r['prompt_tokens'] + r['N']):.0%} of every scored row", flush=True)
     return r
 
