@@ -1715,12 +1715,13 @@ def run_demo(args: Args, sft_steps: int = 100, rl_steps: int = 120) -> dict:
     import time
     t0 = time.time()
     root = args.out
-    rl, sft = write_demo_data(os.path.join(root, "data"), size=168)
+    size = 168  # clips are written at the size the model sees: min_pixels = max_pixels = size²
+    rl, sft = write_demo_data(os.path.join(root, "data"), size=size)
     corpus = [r1_prompt(json.loads(line)) for line in open(rl)][:4]
     base = build_tiny_checkpoint(os.path.join(root, "base"), "qwen2_5_vl", corpus=corpus, vision_hidden=64,
                                  vocab_size=2000, seed=args.seed)
-    common = ["--media_root", os.path.join(root, "data"), "--nframes", "4", "--min_pixels", "28224",
-              "--max_pixels", "28224", "--per_device_prompts", "8", "--save_steps", "100000",
+    common = ["--media_root", os.path.join(root, "data"), "--nframes", "4", "--min_pixels", str(size * size),
+              "--max_pixels", str(size * size), "--per_device_prompts", "8", "--save_steps", "100000",
               "--log_rollouts_every", "25", "--seed", str(args.seed), "--pretext_tasks", "arrow"]
     # constant lr: with cosine decay, runs that find the cue late (seed-dependent) stall before they reach it
     rlx = ["--learning_rate", "1e-3", "--lr_scheduler_type", "constant", "--max_steps", str(rl_steps),
