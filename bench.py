@@ -57,6 +57,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import demo as D  # noqa: E402  (tiny checkpoints and video files)
 import viss_r1 as V  # noqa: E402
 
 QWEN_VOCAB = 151_936  # the Qwen2/2.5-VL tokenizer (the 7B checkpoint pads its embedding to 152,064)
@@ -214,7 +215,7 @@ def matmul_rate(device: torch.device) -> float:
 def build_skeleton(out_dir: str) -> str:
     """viss_r1's tiny checkpoint: tokenizer, chat template, special-token ids, preprocessor config, and the
     config that build_model() resizes (build_tiny_checkpoint fixes 4 heads and a 2x MLP)."""
-    return V.build_tiny_checkpoint(out_dir, "qwen2_5_vl", hidden_size=64, num_layers=1, vision_hidden=32,
+    return D.build_tiny_checkpoint(out_dir, "qwen2_5_vl", hidden_size=64, num_layers=1, vision_hidden=32,
                                    vision_depth=1)
 
 
@@ -246,7 +247,7 @@ def write_clip(path: str, frames: int, height: int, width: int) -> str:
     """A moving colour pattern saved as a real .y4m file at 2 fps."""
     y, x = np.mgrid[0:height, 0:width]
     clip = [np.stack([(x + 9 * t) % 256, (y + 5 * t) % 256, (x + y + 3 * t) % 256]) for t in range(frames)]
-    V.write_y4m(path, np.stack(clip).astype(np.uint8), fps=2)
+    D.write_y4m(path, np.stack(clip).astype(np.uint8), fps=2)
     return path
 
 
@@ -484,18 +485,30 @@ def step_report(r: dict, rate: float) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 
 
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default, except where the help text says what an unset flag means."""
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse(argv=None):
-    ap = argparse.ArgumentParser(description="ViSS-R1 reference benchmark (see the module docstring)")
+    ap = argparse.ArgumentParser(description="ViSS-R1 reference benchmark (see the module docstring)",
+                                 formatter_class=DefaultsHelp)
+    per = lambda f: "; ".join(f"{k} {getattr(p, f)}" for k, p in PRESETS.items())  # noqa: E731  preset values
     ap.add_argument("--preset", default="cpu", choices=PRESETS, help="model size and workload (the table above)")
     ap.add_argument("--sections", help=f"comma list of {', '.join(SECTIONS)} (default: the preset's)")
-    ap.add_argument("--frames", type=int, help="frames per clip in every section (even)")
-    ap.add_argument("--G", type=int, help="completions per prompt")
-    ap.add_argument("--new_tokens", help="rollout completion lengths, comma-separated: short,long")
-    ap.add_argument("--step_tokens", type=int, help="completion length of the GRPO step and the sweep's base")
-    ap.add_argument("--chunk", type=int, help="token_logprobs chunk in the log-prob comparison")
-    ap.add_argument("--repeats", type=int, help="timed runs per figure (the scaling sweep's too)")
-    ap.add_argument("--warmup", type=int, help="untimed runs before them")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--frames", type=int, help=f"frames per clip in every section, even (default: {per('frames')})")
+    ap.add_argument("--G", type=int, help=f"completions per prompt (default: {per('G')})")
+    ap.add_argument("--new_tokens", help=f"rollout completion lengths, comma-separated: short,long "
+                                         f"(default: {per('new_tokens')})")
+    ap.add_argument("--step_tokens", type=int, help=f"completion length of the GRPO step and the sweep's base "
+                                                    f"(default: {per('step_tokens')})")
+    ap.add_argument("--chunk", type=int, help=f"token_logprobs chunk in the log-prob comparison "
+                                              f"(default: {per('lp_chunk')})")
+    ap.add_argument("--repeats", type=int, help=f"timed runs per figure, the scaling sweep's too "
+                                                f"(default: {per('repeats')})")
+    ap.add_argument("--warmup", type=int, help=f"untimed runs before them (default: {per('warmup')})")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to run")
     ap.add_argument("--json", help="also write every figure to this file")
     a = ap.parse_args(argv)
     flags = dict(frames=a.frames, rollout_frames=a.frames, G=a.G, step_tokens=a.step_tokens, lp_chunk=a.chunk,

@@ -61,8 +61,15 @@ PUBLISHED = {"vsibench": ("VSI-Bench", 30.1, 35.8), "videommmu": ("VideoMMMU", 4
 CATEGORY_FIELDS = ("original_question_type", "question_type", "task_type", "category")  # first one present
 
 
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default, except where the help text says what an unset flag means."""
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Evaluate a checkpoint on Video-R1-eval files (see the docstring)")
+    p = argparse.ArgumentParser(description="Evaluate a checkpoint on Video-R1-eval files (see the docstring)",
+                                formatter_class=DefaultsHelp)
     p.add_argument("--ckpt", required=True, help="checkpoint folder (viss_r1.py --out) or hub name")
     p.add_argument("--bench", nargs="+", default=["eval"], help="benchmark files, or folders of eval_*.json")
     p.add_argument("--media_root", default=".", help="rows' relative `path`s resolve under this folder")
@@ -71,7 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--nframes", type=int, default=32, help="frames sampled per clip (the paper: 32)")
     p.add_argument("--max_pixels", type=int, default=256 * 28 * 28, help="per frame")
     p.add_argument("--min_pixels", type=int, default=128 * 28 * 28, help="per frame")
-    p.add_argument("--max_new_tokens", type=int, default=1024)
+    p.add_argument("--max_new_tokens", type=int, default=1024, help="generated tokens per item at most")
     p.add_argument("--batch_size", type=int, default=4, help="items per generate call on each process")
     p.add_argument("--limit", type=int, default=0, help="only the first N rows of each benchmark (0: all)")
     p.add_argument("--probe", action="append", choices=PROBES, default=[], help="repeatable; see the docstring")

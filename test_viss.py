@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 import torch
 
+import bench as B  # noqa: E402  (speed and memory harness)
+import demo as D  # noqa: E402  (fixtures: tiny checkpoints, video files, demo data)
 import eval as E  # noqa: E402  (the evaluation script)
 import viss_r1 as V
 
@@ -30,7 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def write_y4m(path, frames, fps=10):
     """decord 0.6 fails to copy out y4m frames of some widths (8-24, 48, 72 seen); 32, 40, 56, 64, 80+ work."""
-    V.write_y4m(path, frames, fps)
+    D.write_y4m(path, frames, fps)
 
 
 def mc_row(**kw):
@@ -602,7 +604,7 @@ def test_good_rows_and_paths(tmp_path):
 def tiny(request, tmp_path_factory):
     from transformers import AutoModelForImageTextToText, AutoTokenizer
     d = str(tmp_path_factory.mktemp(request.param))
-    V.build_tiny_checkpoint(d, request.param)
+    D.build_tiny_checkpoint(d, request.param)
     model = AutoModelForImageTextToText.from_pretrained(d).eval()
     return model, AutoTokenizer.from_pretrained(d), V.vision_spec(model.config, d)
 
@@ -695,8 +697,8 @@ SMALL = ["--nframes", "4", "--min_pixels", "3136", "--max_pixels", "3136", "--nu
 def demo(tmp_path_factory):
     """Synthetic clips (real .y4m files), Video-R1 rows, and a tiny random Qwen2.5-VL on disk."""
     root = tmp_path_factory.mktemp("demo")
-    rl, sft = V.write_demo_data(str(root / "data"), n=16, size=56)
-    base = V.build_tiny_checkpoint(str(root / "base"), "qwen2_5_vl")
+    rl, sft = D.write_demo_data(str(root / "data"), n=16, size=56)
+    base = D.build_tiny_checkpoint(str(root / "base"), "qwen2_5_vl")
     return {"root": root, "rl": rl, "sft": sft, "base": base, "media": str(root / "data")}
 
 
@@ -816,6 +818,38 @@ def test_lr_schedule_warmup_then_cosine_or_constant(kind, expect):
     assert lrs == pytest.approx(expect, abs=1e-9)  # u = 0, 1 warm up; cosine: cos(pi * (u - 2) / 2)
     with pytest.raises(SystemExit):
         V.parse_args(["--lr_scheduler_type", "linear"])
+
+
+def help_lines(main, monkeypatch, capsys) -> dict[str, str]:
+    """`--help` of a parser, one line per option (a wide terminal keeps each option on its line)."""
+    monkeypatch.setenv("COLUMNS", "2000")
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out, entries = capsys.readouterr().out.split("options:", 1)[1], {}
+    for line in (line.strip() for line in out.splitlines()):
+        if line.startswith("--"):
+            flag = line.split()[0].rstrip(",")
+            entries[flag] = line
+        elif line and entries:  # a long flag's help starts on the next line
+            entries[flag] += "  " + line
+    return entries
+
+
+def test_help_gives_every_flag_a_meaning_and_its_default(monkeypatch, capsys):
+    import dataclasses
+    lines = help_lines(V.parse_args, monkeypatch, capsys)
+    for f in dataclasses.fields(V.Args):
+        line = lines[f"--{f.name}"]
+        preset = {s: v[f.name] for s, v in V.STAGES.items() if f.name in v}
+        shown = ("per stage: " + ", ".join(f"{s} {v}" for s, v in preset.items()) if preset
+                 else "required" if f.default == "" else str(f.default))
+        assert line.endswith(f"(default: {shown})"), line
+        meaning = line.split("  ", 1)[1].rsplit("(default:", 1)[0].strip()  # after the flag, before the default
+        assert len(meaning) > 10 and meaning == f.metadata["help"], line
+    assert "per stage: pretext 0.04, viss 0.0, grpo 0.04, sft 0.0" in lines["--beta"]
+    for main in (E.parse_args, B.parse):  # the harnesses show their defaults too
+        for flag, line in help_lines(main, monkeypatch, capsys).items():
+            assert flag == "--ckpt" or "(default:" in line or flag in ("--json",), line
 
 
 def test_top_p_and_temperature_sampling():
@@ -1097,10 +1131,10 @@ def evalset(tmp_path_factory):
     """eval_mvbench.json (6 MC rows in 2 categories + 1 missing video) and eval_vsibench.jsonl (MC, regression,
     numerical and a 2:1 clip: prompts and vision-token counts of different lengths, so batches are padded)."""
     root = tmp_path_factory.mktemp("evalset")
-    rl, _ = V.write_demo_data(str(root / "data"), n=8, size=56)
+    rl, _ = D.write_demo_data(str(root / "data"), n=8, size=56)
     rows = V.load_rows(rl)
     wide = np.random.default_rng(0).integers(0, 255, (8, 3, 56, 112), dtype=np.uint8)
-    V.write_y4m(str(root / "data" / "videos" / "wide.y4m"), wide)
+    D.write_y4m(str(root / "data" / "videos" / "wide.y4m"), wide)
     bench = root / "bench"
     bench.mkdir()
     mv = [dict(r, original_question_type="colour" if i % 2 else "hue") for i, r in enumerate(rows[:6])]
@@ -1114,7 +1148,7 @@ def evalset(tmp_path_factory):
                 solution="<answer>1</answer>"),
            dict(rows[3], problem_id="v3", path="./videos/wide.y4m", original_question_type="colour")]
     (bench / "eval_vsibench.jsonl").write_text("\n".join(json.dumps(r) for r in vsi) + "\n")
-    ckpt = V.build_tiny_checkpoint(str(root / "ckpt"), "qwen2_5_vl")
+    ckpt = D.build_tiny_checkpoint(str(root / "ckpt"), "qwen2_5_vl")
     return {"root": root, "ckpt": ckpt, "bench": str(bench), "media": str(root / "data")}
 
 
@@ -1440,7 +1474,7 @@ def test_demo_pipeline_end_to_end_with_few_steps(tmp_path):
     """run_demo at 2 steps a stage: data with the documented cues, three stages, a loadable checkpoint in --out."""
     import decord
     out = tmp_path / "demo"
-    summary = V.run_demo(V.parse_args(["--out", str(out)]), sft_steps=2, rl_steps=2)
+    summary = D.run_demo(str(out), sft_steps=2, rl_steps=2)
     assert {"Pretext-GRPO pretext accuracy", "ViSS-R1 user-question accuracy", "minutes"} <= set(summary)
     for stage_dir in (out / "sft", out / "pretext", out):
         assert len(read_metrics(stage_dir)) == 2
@@ -1449,7 +1483,7 @@ def test_demo_pipeline_end_to_end_with_few_steps(tmp_path):
     for row in rows[:4]:  # the scene's dominant channel is the answer's colour; it brightens frame by frame
         clip = decord.VideoReader(str(out / "data" / row["path"])).get_batch(list(range(4))).asnumpy().astype(float)
         colour = row["options"][V.LETTERS.index(V.extract_tag(row["solution"]))].split(". ")[1]
-        assert np.argmax(V.DEMO_COLORS[colour]) == np.argmax(clip[0].mean((0, 1)))  # [T, H, W, 3]
+        assert np.argmax(D.DEMO_COLORS[colour]) == np.argmax(clip[0].mean((0, 1)))  # [T, H, W, 3]
         assert np.all(np.diff(clip.mean((1, 2, 3))) > 25)
     from transformers import AutoModelForImageTextToText
     AutoModelForImageTextToText.from_pretrained(out)

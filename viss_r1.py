@@ -15,7 +15,7 @@ and for answering the user's question about the restored clip, inside the same G
     GRPO / T-GRPO  the Video-R1 baseline on the original clip, beta 0.04
 
 Run it:
-    python viss_r1.py --demo                          # CPU, no downloads, ~7 min: SFT -> Pretext-GRPO / ViSS-R1
+    python demo.py                                    # CPU, no downloads, ~7 min: SFT -> Pretext-GRPO / ViSS-R1
     python viss_r1.py --stage viss --model sft_out/ --data train.jsonl --media_root data/ --out out/
     torchrun --nproc_per_node 8 viss_r1.py --stage viss --model sft_out/ --data train.jsonl \
         --media_root data/ --out out/ --bf16 --gradient_checkpointing        # the paper: 8 GPUs, FSDP2
@@ -23,9 +23,10 @@ Run it:
     python eval.py --ckpt out/                                               # the six benchmarks
 
 The file reads top to bottom in data-flow order: config -> distributed -> media -> pretext transforms ->
-prompts -> rewards -> GRPO math -> data -> samples -> rollout -> checkpoints -> training loop -> tiny models
-and the demo. Every piece others copy is a small pure function; importing this module loads nothing heavy
-(transformers and decord are imported inside the functions that need them).
+prompts -> rewards -> GRPO math -> data -> samples -> rollout -> checkpoints -> training loop. It holds the
+algorithm only: the demo, the tiny test checkpoints (demo.py), the benchmarks (bench.py) and the evaluation
+(eval.py) import it, never the other way round. Every piece others copy is a small pure function; importing this
+module loads nothing heavy (transformers and decord are imported inside the functions that need them).
 
 Deliberate departures from the authors' release (each one is explained where it is implemented):
   1. `shuffle` works for any frame count divisible by 4 (the release hard-wires 32 frames) and the question
@@ -52,7 +53,7 @@ import os
 import random
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -61,54 +62,6 @@ import torch.nn.functional as F
 # ---------------------------------------------------------------------------------------------------------
 # Config: one dataclass, one flag per field, stage presets in one table
 # ---------------------------------------------------------------------------------------------------------
-
-@dataclass
-class Args:
-    # what to train (flag names follow TRL / Video-R1)
-    stage: str = "viss"  # pretext | viss | grpo | sft (presets below)
-    model: str = "Qwen/Qwen2.5-VL-7B-Instruct"  # HF checkpoint (directory or hub name)
-    data: str = ""  # Video-R1 JSON / JSONL rows (SFT rows add `process`, ViSS SFT rows `trans_opt`/`trans_ans`)
-    media_root: str = "."  # rows' relative `path`s resolve under this folder
-    out: str = "out"  # checkpoints, metrics.jsonl, rollouts.jsonl
-    pretext_tasks: str = "rotate,arrow,shuffle,flip,puzzle"  # enabled tasks (the release's final video RL: arrow)
-    temporal: bool = False  # T-GRPO bonus (grpo stage, video rows): also sample G/2 on permuted frames
-    length_bonus: bool = True  # +0.2 for accurate completions of 320..512 (viss: 768) tokens
-    # rollout
-    num_generations: int = 8  # G completions per prompt, one group per prompt
-    per_device_prompts: int = 1  # prompts per process per step (the paper: 1 on each of 8 GPUs)
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_completion_length: int = 768
-    # objective
-    learning_rate: float = 1e-6
-    weight_decay: float = 0.01
-    max_grad_norm: float = 5.0
-    warmup_steps: int = 0  # linear warmup, then the schedule below
-    lr_scheduler_type: str = "cosine"  # cosine (decay to 0 at max_steps) | constant
-    beta: float | None = None  # KL weight; None = stage preset (0 skips the reference model entirely)
-    epsilon: float = 0.2  # clip range below 1
-    epsilon_high: float | None = None  # clip range above 1 (None = epsilon)
-    num_iterations: int = 1  # optimizer updates per rollout (>1: stored old log-probs, real clipping)
-    loss_type: str = "grpo"  # grpo | bnpo | dr_grpo | dapo
-    scale_rewards: str = "group"  # group | batch | none
-    # media
-    nframes: int | None = None  # frames per clip (None = stage preset; 0 = sample at 2 fps up to --max_frames)
-    max_frames: int = 32
-    max_pixels: int = 128 * 28 * 28  # per frame
-    min_pixels: int = 4 * 28 * 28
-    # run
-    max_steps: int = 1000
-    save_steps: int = 100
-    save_total_limit: int = 2  # step checkpoints kept on disk
-    log_rollouts_every: int = 10  # print one rollout and dump the step's rollouts every N steps
-    seed: int = 42
-    resume: bool = False  # continue from the latest checkpoint in --out
-    gradient_checkpointing: bool = False
-    bf16: bool = False  # bf16 autocast; weights and AdamW state stay float32
-    max_bad_media: float = 0.2  # stop if more than this fraction of rows have unreadable media
-    max_nonfinite: int = 10  # stop after this many steps with a non-finite loss
-    demo: bool = False  # CPU demo: synthetic videos, tiny model, SFT -> Pretext-GRPO -> ViSS-R1 GRPO
-
 
 # The paper's settings per stage (SPEC §1, §4-§6): every other default is shared.
 STAGES = {
@@ -119,29 +72,80 @@ STAGES = {
 }
 
 
+def arg(default, help: str, choices: tuple | None = None):
+    """A config field with its one-line meaning: the only place the meaning is written (--help reads it)."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class Args:
+    # what to train (flag names follow TRL / Video-R1)
+    stage: str = arg("viss", "the recipe; its presets are in STAGES", tuple(STAGES))
+    model: str = arg("Qwen/Qwen2.5-VL-7B-Instruct", "HF checkpoint to start from (folder or hub name)")
+    data: str = arg("", "Video-R1 JSON / JSONL rows (SFT rows add `process`, ViSS SFT rows `trans_opt`/`trans_ans`)")
+    media_root: str = arg(".", "rows' relative `path`s resolve under this folder")
+    out: str = arg("out", "checkpoints, metrics.jsonl, rollouts.jsonl; the final model is saved here too")
+    pretext_tasks: str = arg("rotate,arrow,shuffle,flip,puzzle",
+                             "enabled pretext tasks, comma-separated (the release's final video RL: arrow)")
+    temporal: bool = arg(False, "T-GRPO bonus (grpo stage, video rows): also sample G/2 on permuted frames")
+    length_bonus: bool = arg(True, "+0.2 for accurate completions of 320..512 (viss: 768) tokens")
+    # rollout
+    num_generations: int = arg(8, "G: completions per prompt, one group per prompt")
+    per_device_prompts: int = arg(1, "prompts per process per step (the paper: 1 on each of 8 GPUs)")
+    temperature: float = arg(1.0, "sampling temperature of the rollout, also applied to the scored log-probs")
+    top_p: float = arg(1.0, "nucleus sampling: keep the most likely tokens up to this probability mass")
+    max_completion_length: int = arg(768, "new tokens per completion at most")
+    # objective
+    learning_rate: float = arg(1e-6, "AdamW peak learning rate")
+    weight_decay: float = arg(0.01, "AdamW weight decay")
+    max_grad_norm: float = arg(5.0, "clip the global gradient norm to this")
+    warmup_steps: int = arg(0, "linear warmup over this many optimizer updates, then the schedule")
+    lr_scheduler_type: str = arg("cosine", "cosine decays to 0 at the last update", ("cosine", "constant"))
+    beta: float | None = arg(None, "KL weight (0 skips the reference model entirely)")
+    epsilon: float = arg(0.2, "clip range below 1")
+    epsilon_high: float | None = arg(None, "clip range above 1 (unset: --epsilon)")
+    num_iterations: int = arg(1, "optimizer updates per rollout (>1: stored old log-probs, real clipping)")
+    loss_type: str = arg("grpo", "how token losses are averaged (TRL's names)", ("grpo", "bnpo", "dr_grpo", "dapo"))
+    scale_rewards: str = arg("group", "the std that divides advantages", ("group", "batch", "none"))
+    # media
+    nframes: int | None = arg(None, "frames per clip (0: sample at 2 fps up to --max_frames)")
+    max_frames: int = arg(32, "frame cap when sampling at 2 fps")
+    max_pixels: int = arg(128 * 28 * 28, "pixels per frame at most")
+    min_pixels: int = arg(4 * 28 * 28, "pixels per frame at least")
+    # run
+    max_steps: int = arg(1000, "training steps (one rollout each)")
+    save_steps: int = arg(100, "checkpoint every N steps (the last step always saves)")
+    save_total_limit: int = arg(2, "step checkpoints kept on disk")
+    log_rollouts_every: int = arg(10, "print one rollout and dump the step's rollouts every N steps (0: never)")
+    seed: int = arg(42, "data order, transforms and sampling; one seed gives the same run on any number of GPUs")
+    resume: bool = arg(False, "continue from the latest checkpoint in --out")
+    gradient_checkpointing: bool = arg(False, "recompute decoder layer activations in backward (the paper: on)")
+    bf16: bool = arg(False, "bf16 compute; weights and AdamW state stay float32")
+    max_bad_media: float = arg(0.2, "stop if more than this fraction of rows have unreadable media")
+    max_nonfinite: int = arg(10, "stop after this many skipped non-finite updates")
+
+
 def parse_args(argv=None) -> Args:
     """Flags from the dataclass fields (booleans as --flag / --no-flag), then stage presets fill the Nones."""
     import argparse
-    import dataclasses
     import typing
 
     p = argparse.ArgumentParser(description="ViSS-R1 training (see the module docstring)")
     hints = typing.get_type_hints(Args)
-    for f in dataclasses.fields(Args):
-        hint = hints[f.name]
+    for f in fields(Args):
+        hint, preset = hints[f.name], {s: v[f.name] for s, v in STAGES.items() if f.name in v}
+        shown = ", ".join(f"{s} {v}" for s, v in preset.items()) if preset else f.default
+        shown = "per stage: " + shown if preset else "required" if f.default == "" else shown
+        kw = dict(default=f.default, choices=f.metadata["choices"], help=f"{f.metadata['help']} (default: {shown})")
         if hint is bool:
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default)
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
         else:
             base = next(t for t in typing.get_args(hint) if t is not type(None)) if typing.get_args(hint) else hint
-            p.add_argument(f"--{f.name}", type=base, default=f.default)
+            p.add_argument(f"--{f.name}", type=base, **kw)
     args = Args(**vars(p.parse_args(argv)))
-    if args.stage not in STAGES:
-        p.error(f"--stage must be one of {', '.join(STAGES)}")
     for k, v in STAGES[args.stage].items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
-    if args.lr_scheduler_type not in ("cosine", "constant"):
-        p.error(f"--lr_scheduler_type must be cosine or constant, got {args.lr_scheduler_type!r}")
     if args.epsilon_high is None:
         args.epsilon_high = args.epsilon
     tasks = args.pretext_tasks.split(",")
@@ -152,10 +156,6 @@ def parse_args(argv=None) -> Args:
     if args.stage != "sft" and args.num_generations < 2:
         p.error("--num_generations must be at least 2: advantages compare completions within a group")
     return args
-
-
-def prompt_mode(args: Args) -> str:
-    return STAGES[args.stage]["prompt"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -198,11 +198,9 @@ def shard(policy, bf16: bool, device: torch.device) -> None:
 
 
 class full_weights:
-    """Context for the rollout under FSDP2: every unit all-gathers its weights on first use and keeps them
-    until the rollout ends. Chosen over stepping all ranks in lock-step because decoding then needs no
-    collective at all: ranks may stop at different lengths, hold an image or a video, sample T-GRPO extras,
-    without a deadlock, and no all-gather per generated token. Cost: one full bf16 copy of the model per GPU
-    during the rollout (15 GB for 7B). Without FSDP it does nothing."""
+    """Rollout under FSDP2: each unit all-gathers its weights on first use and keeps them until the rollout ends,
+    so decoding needs no collective (ranks may stop at different lengths or hold an image or a video without a
+    deadlock; no all-gather per token). Cost: a full bf16 copy of the model per GPU (15 GB for 7B)."""
 
     def __init__(self, policy):
         from torch.distributed.fsdp import FSDPModule
@@ -304,10 +302,10 @@ def load_video(path: str, nframes: int | None = None, fps: float = 2.0, min_fram
         if total < 1 or not video_fps > 0:
             raise ValueError(f"frames={total}, fps={video_fps}")
         n = smart_nframes(total, video_fps, fps, min_frames, max_frames, nframes)
-        frames = torch.from_numpy(vr.get_batch(frame_indices(total, n)).asnumpy())  # [T, H, W, 3]
+        frames = torch.from_numpy(vr.get_batch(frame_indices(total, n)).asnumpy())  # [T, H, W, 3] uint8 RGB
     except (decord.DECORDError, RuntimeError, ValueError) as e:  # one message that names the file
         raise ValueError(f"unreadable video {path}: {str(e).strip().splitlines()[-1][:200]}") from None
-    return frames.permute(0, 3, 1, 2).contiguous(), n / total * video_fps
+    return frames.permute(0, 3, 1, 2).contiguous(), n / total * video_fps  # [T, 3, H, W] uint8
 
 
 def load_image(path: str) -> torch.Tensor:
@@ -319,14 +317,15 @@ def load_image(path: str) -> torch.Tensor:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image not found: {path}")
     with Image.open(path) as im:
-        arr = np.asarray(im.convert("RGB"))
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1)[None]
+        arr = np.asarray(im.convert("RGB"))  # [H, W, 3] uint8
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)[None]  # [1, 3, H, W]
 
 
 def resize_frames(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Bicubic resize with antialias, rounded and clamped back to uint8 range: [T, 3, h, w] -> [T, 3, H, W]."""
     if frames.shape[-2:] == (height, width):
         return frames
+    # float in, float out: bicubic overshoots past 0 and 255 at edges, so round and clamp like the HF processor
     out = F.interpolate(frames.float(), size=(height, width), mode="bicubic", antialias=True, align_corners=False)
     return out.round().clamp(0, 255).to(torch.uint8)
 
@@ -377,11 +376,11 @@ def patchify(frames: torch.Tensor, spec: VisionSpec) -> tuple[torch.Tensor, list
         frames = torch.cat([frames, frames[-1:].expand(tp - T % tp, -1, -1, -1)])
     mean = torch.tensor(spec.image_mean).view(1, 3, 1, 1)
     std = torch.tensor(spec.image_std).view(1, 3, 1, 1)
-    x = (frames.float() / 255 - mean) / std  # rescale, then normalize: bit-exact with the HF processor
+    x = (frames.float() / 255 - mean) / std  # [T', 3, H, W] float: rescale, then normalize (as the HF processor)
     gt, gh, gw = x.shape[0] // tp, H // p, W // p
-    x = x.reshape(gt, tp, C, gh // m, m, p, gw // m, m, p)
-    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # -> (gt, gh/m, gw/m, m, m, C, tp, p, p)
-    return x.reshape(gt * gh * gw, C * tp * p * p), [gt, gh, gw]
+    x = x.reshape(gt, tp, C, gh // m, m, p, gw // m, m, p)  # split time into (gt, tp), H and W into (blocks, m, p)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # -> (gt, gh/m, gw/m, m, m, C, tp, p, p): merge groups contiguous
+    return x.reshape(gt * gh * gw, C * tp * p * p), [gt, gh, gw]  # [patches, 3·2·14·14 = 1176] (Qwen2.5-VL)
 
 
 @dataclass
@@ -416,7 +415,7 @@ def fit_media(media: Media, spec: VisionSpec, min_pixels: int, max_pixels: int) 
 
 def vision_inputs(media: Media, spec: VisionSpec) -> dict:
     """Model kwargs for one fitted Media: pixel tensor, its grid and (Qwen2.5-VL) seconds per temporal patch."""
-    pixels, grid = patchify(media.frames, spec)
+    pixels, grid = patchify(media.frames, spec)  # [t·h·w, C·tp·p·p], [t, h, w]
     if media.kind == "image":
         return {"pixel_values": pixels, "image_grid_thw": torch.tensor([grid])}
     out = {"pixel_values_videos": pixels, "video_grid_thw": torch.tensor([grid])}
@@ -923,6 +922,8 @@ PROBLEM_TYPES = ("multiple choice", "numerical", "OCR", "free-form", "regression
 
 class DataError(ValueError):
     """A data file the run cannot use; the message names the file, the row index and the problem."""
+
+
 REQUIRED_FIELDS = ("problem", "data_type", "problem_type", "solution", "path")
 
 
@@ -1015,7 +1016,7 @@ class Sample:
 
 def make_sample(row: dict, args: Args, spec: VisionSpec, tokenizer, rng: random.Random) -> Sample:
     """Load a row's media and build everything one rollout needs. Raises on unreadable media (callers skip)."""
-    mode, kind = prompt_mode(args), row["data_type"]
+    mode, kind = STAGES[args.stage]["prompt"], row["data_type"]
     media = load_media(resolve_path(row["path"], args.media_root), kind, args.nframes or None, args.max_frames)
     task = option = None
     if mode == "sft" and "trans_opt" in row:  # ViSS SFT rows replay their stored transform deterministically
@@ -1087,8 +1088,8 @@ class Policy(torch.nn.Module):
         if rows > 1:  # `rows` sequences share one image/clip: run the vision tower once, tile its features
             inputs["mm_encoder_outputs"] = self.encode_once(inputs, rows)
         out = self.model.model(**inputs)  # the Qwen*VLModel: hidden states, never full-vocabulary logits
-        h = out.last_hidden_state
-        if completion is None:
+        h = out.last_hidden_state  # [B, L, D]
+        if completion is None:  # [B, V] logits of the next token, and the cache [B, kv_heads, L, d] per layer
             return self.model.lm_head(h[:, -1]).float(), out.past_key_values
         C = completion.shape[1]  # positions P-1 .. P+C-2 predict the C completion tokens
         logp = token_logprobs(h[:, -C - 1:-1], self.model.lm_head.weight, completion, temperature, bias=bias)
@@ -1164,19 +1165,18 @@ def sample_group(policy: Policy, sample: Sample, G: int, max_new_tokens: int, te
     """
     device = bias.device
     vis = {k: v.to(device) for k, v in (vis or sample.vis).items()}
-    ids = torch.tensor([sample.ids], device=device)
-    types = torch.tensor([sample.types], device=device)
+    ids, types = torch.tensor([sample.ids], device=device), torch.tensor([sample.types], device=device)  # [1, P]
     pos, delta = rope_positions(policy.model, ids, types, vis)  # [3, 1, P], [1, 1]
     logits, cache = policy(input_ids=ids, position_ids=pos, mm_token_type_ids=types, use_cache=True, **vis)
-    cache.batch_repeat_interleave(G)  # [1, heads, P, d] -> [G, heads, P, d]: the shared prefix
-    logits = logits.expand(G, -1)
+    cache.batch_repeat_interleave(G)  # [1, kv_heads, P, d] -> [G, kv_heads, P, d]: the shared prefix, per layer
+    logits = logits.expand(G, -1)  # [G, V]: every row starts from the prompt's next-token distribution
     eos = torch.tensor(eos_ids, device=device)
     done = torch.zeros(G, dtype=torch.bool, device=device)
     tokens, logps = [], []
     for t in range(max_new_tokens):
         logp = torch.log_softmax(logits / temperature + bias, -1)
         nxt = (logits + bias).argmax(-1) if greedy else _sample_token(logp, top_p, generator)
-        tokens.append(torch.where(done, pad_id, nxt))
+        tokens.append(torch.where(done, pad_id, nxt))  # [G]; rows that ended keep emitting pad
         logps.append(torch.where(done, 0.0, logp.gather(-1, nxt[:, None]).squeeze(-1)))
         done = done | torch.isin(nxt, eos)
         if done.all() or t == max_new_tokens - 1:
@@ -1535,8 +1535,6 @@ def status_line(m: dict, max_steps: int, sft: bool) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.demo:
-        return run_demo(args)
     if not args.data:
         raise SystemExit("--data is required (a Video-R1 JSON or JSONL file)")
     try:
@@ -1546,209 +1544,6 @@ def main(argv=None):
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Tiny models and the CPU demo: random checkpoints of the real architectures, synthetic clips, no downloads
-# ---------------------------------------------------------------------------------------------------------
-
-QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                       "<|image_pad|>", "<|video_pad|>"]
-TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>", "<transform>", "</transform>"]
-# Qwen2-VL's chat template, minus its default system prompt (a real checkpoint brings its own template)
-TINY_CHAT_TEMPLATE = (
-    "{%- for message in messages -%}{{- '<|im_start|>' + message['role'] + '\\n' -}}"
-    "{%- if message['content'] is string -%}{{- message['content'] -}}{%- else -%}"
-    "{%- for item in message['content'] -%}"
-    "{%- if item['type'] == 'video' -%}{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
-    "{%- elif item['type'] == 'image' -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
-    "{%- else -%}{{- item['text'] -}}{%- endif -%}{%- endfor -%}{%- endif -%}"
-    "{{- '<|im_end|>\\n' -}}{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}")
-# Qwen2's pre-tokenizer split, so the byte-level BPE below behaves like the real tokenizer
-QWEN_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
-              r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
-
-
-def build_tiny_tokenizer(corpus: list[str], vocab_size: int = 512):
-    """A byte-level BPE trained on `corpus` with Qwen's special tokens; the reasoning tags are single tokens."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(corpus, trainer=trainer)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAG_TOKENS])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   chat_template=TINY_CHAT_TEMPLATE, padding_side="left")
-
-
-def build_tiny_checkpoint(out_dir: str, arch: str = "qwen2_5_vl", corpus: list[str] | None = None,
-                          hidden_size: int = 64, num_layers: int = 2, vision_hidden: int = 32,
-                          vision_depth: int = 2, vocab_size: int = 512, seed: int = 0) -> str:
-    """Save a randomly initialised Qwen2-VL / Qwen2.5-VL / Qwen3-VL + tokenizer + preprocessor config to
-    `out_dir`, loadable with from_pretrained exactly like a downloaded checkpoint. Deterministic in `seed`."""
-    from transformers import AutoModelForImageTextToText, GenerationConfig
-    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
-
-    import string
-    base = [string.ascii_letters, string.digits, string.punctuation, pretext_prompt("rotate", 16),
-            viss_prompt({"data_type": "video", "problem_type": "multiple choice", "problem": "",
-                         "options": []}, "shuffle", 16)]
-    tokenizer = build_tiny_tokenizer((corpus or []) + base * 3, vocab_size)
-    tid = dict(zip(QWEN_SPECIAL_TOKENS, tokenizer.convert_tokens_to_ids(QWEN_SPECIAL_TOKENS)))
-    pad, eos = tid["<|endoftext|>"], tid["<|im_end|>"]
-    heads = 4
-    half = hidden_size // heads // 2  # M-RoPE sections split head_dim / 2 between time, height, width
-    text = dict(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=2,
-                max_position_embeddings=32768, pad_token_id=pad)
-    vision = dict(depth=vision_depth, num_heads=2, patch_size=16 if arch == "qwen3_vl" else 14,
-                  temporal_patch_size=2, spatial_merge_size=2)
-    if arch == "qwen3_vl":
-        hw = half * 5 // 16  # real ratio 24:20:20
-        text.update(head_dim=2 * half, rope_parameters=dict(rope_type="default", rope_theta=5e6,
-                    mrope_section=[half - 2 * hw, hw, hw], mrope_interleaved=True))
-        vision.update(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, out_hidden_size=hidden_size,
-                      deepstack_visual_indexes=list(range(min(vision_depth, num_layers, 3))))
-        cls, mean, std = Qwen3VLConfig, [0.5] * 3, [0.5] * 3
-    else:
-        hw = half * 3 // 8  # real ratio 16:24:24
-        text.update(bos_token_id=pad, eos_token_id=eos, rope_parameters=dict(
-            rope_type="default", rope_theta=1e6, mrope_section=[half - 2 * hw, hw, hw]))
-        if arch == "qwen2_vl":
-            vision.update(embed_dim=vision_hidden, hidden_size=hidden_size, mlp_ratio=4)
-            cls = Qwen2VLConfig
-        else:  # tokens_per_second=2 as the released checkpoints (the config class defaults to 4)
-            vision.update(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, tokens_per_second=2,
-                          out_hidden_size=hidden_size, fullatt_block_indexes=[vision_depth - 1])
-            cls = Qwen2_5_VLConfig
-        mean, std = list(OPENAI_CLIP_MEAN), list(OPENAI_CLIP_STD)
-    config = cls(text_config=text, vision_config=vision, image_token_id=tid["<|image_pad|>"],
-                 video_token_id=tid["<|video_pad|>"], vision_start_token_id=tid["<|vision_start|>"],
-                 vision_end_token_id=tid["<|vision_end|>"], tie_word_embeddings=False)
-    config.bos_token_id, config.eos_token_id, config.pad_token_id = pad, eos, pad
-    torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
-    model.generation_config = GenerationConfig(bos_token_id=pad, eos_token_id=[eos, pad], pad_token_id=pad)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
-        json.dump(dict(image_mean=mean, image_std=std, patch_size=vision["patch_size"], temporal_patch_size=2,
-                       merge_size=2, image_processor_type="Qwen2VLImageProcessor"), f, indent=2)
-    return out_dir
-
-
-def write_y4m(path: str, frames: np.ndarray, fps: int = 8) -> None:
-    """uint8 RGB frames [T, 3, H, W] -> a YUV4MPEG2 file decord reads (BT.601 limited range, 4:4:4)."""
-    T, _, H, W = frames.shape
-    with open(path, "wb") as f:
-        f.write(f"YUV4MPEG2 W{W} H{H} F{fps}:1 Ip A1:1 C444\n".encode())
-        for r, g, b in np.asarray(frames, dtype=np.float64):
-            y = 16 + (65.481 * r + 128.553 * g + 24.966 * b) / 255
-            u = 128 + (-37.797 * r - 74.203 * g + 112.0 * b) / 255
-            v = 128 + (112.0 * r - 93.786 * g - 18.214 * b) / 255
-            f.write(b"FRAME\n" + np.clip(np.round(np.stack([y, u, v])), 0, 255).astype(np.uint8).tobytes())
-
-
-DEMO_COLORS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (40, 70, 230), "yellow": (230, 210, 40)}
-
-
-def write_demo_data(root: str, n: int = 64, size: int = 56, frames: int = 4, seed: int = 0,
-                    n_eval: int = 32) -> tuple[str, str]:
-    """Synthetic clips a tiny model can learn from: cues every vision token carries, the way it carries colour.
-    The scene is tinted with one of four colours (the user question asks which); grey light is added to it
-    frame after frame, the same in every pixel and for every colour (a reversed clip darkens inside every
-    2-frame temporal patch: arrow); each 14x14 patch darkens towards its bottom (a rotation turns that
-    texture: rotate); a small grey square drifts across as a distractor."""
-    # writes videos/*.y4m, rl.jsonl (Video-R1 rows), sft.jsonl (format-only SFT rows, random answers) and
-    # eval_demo.json (n_eval held-out clips in Video-R1-eval format, for eval.py)
-    rng = np.random.default_rng(seed)
-    os.makedirs(os.path.join(root, "videos"), exist_ok=True)
-    names = list(DEMO_COLORS)
-    rl, sft, held_out = [], [], []
-    for i in range(n + n_eval):
-        color = names[i % len(names)]
-        texture = 2.0 * (np.arange(size) % 14)  # [size] darker towards the bottom of every patch: rotate
-        light = 130.0 * np.arange(frames) / max(1, frames - 1)  # [frames] brighter and brighter: arrow
-        tint = 0.6 * np.array(DEMO_COLORS[color], np.float64)  # [3]
-        clip = tint[None, :, None, None] + light[:, None, None, None] - texture[None, None, :, None]
-        clip = np.broadcast_to(clip.clip(0, 255), (frames, 3, size, size)).astype(np.uint8)  # [frames, 3, H, W]
-        s, y0, x0 = size // 4, rng.integers(0, size // 2), rng.integers(0, size // 2)
-        for t in range(frames):  # the distractor drifts one pixel every other frame
-            clip[t, :, y0 + t // 2:y0 + t // 2 + s, x0:x0 + s] = 128
-        write_y4m(os.path.join(root, "videos", f"clip_{i:03d}.y4m"), clip)
-        row = {"problem_id": i, "problem": "What colour is the scene in the video?\n", "data_type": "video",
-               "problem_type": "multiple choice", "options": [f"{LETTERS[k]}. {c}" for k, c in enumerate(names)],
-               "solution": f"<answer>{LETTERS[names.index(color)]}</answer>", "path": f"./videos/clip_{i:03d}.y4m",
-               "data_source": "demo"}
-        if i >= n:  # held out for evaluation
-            held_out.append(dict(row, original_question_type="colour"))
-            continue
-        rl.append(row)
-        guess = f"<answer>{LETTERS[rng.integers(4)]}</answer>"  # uninformative: teaches the format only
-        sft.append(dict(row, process="<think>I look.</think>", solution=guess))
-        sft.append(dict(row, process="<think>I look.</think>", solution=guess,
-                        trans_opt="arrow", trans_ans="A"))  # the 3-tag ViSS format, transform always "A"
-    paths = os.path.join(root, "rl.jsonl"), os.path.join(root, "sft.jsonl")
-    for path, data in zip(paths, (rl, sft)):
-        with open(path, "w") as f:
-            f.write("\n".join(json.dumps(r) for r in data) + "\n")
-    with open(os.path.join(root, "eval_demo.json"), "w") as f:
-        json.dump(held_out, f, indent=1)
-    return paths
-
-
-def run_demo(args: Args, sft_steps: int = 100, rl_steps: int = 120) -> dict:
-    """`python viss_r1.py --demo`: on synthetic clips with a tiny Qwen2.5-VL built on the spot, a short SFT that
-    teaches only the output format (random answers), then the paper's two RL recipes from that checkpoint:
-    Pretext-GRPO (the pretext letter is the whole reward) and ViSS-R1 GRPO (user answer + transform + format).
-    The pretext task is `arrow`, as in the release's final video RL run. --out ends as the ViSS-R1 checkpoint.
-    Frames are 168x168 (72 vision tokens per clip): at 112x112 the colour reached the answer on some seeds only."""
-    import shutil
-    import time
-    t0 = time.time()
-    root = args.out
-    size = 168  # clips are written at the size the model sees: min_pixels = max_pixels = size²
-    rl, sft = write_demo_data(os.path.join(root, "data"), size=size)
-    corpus = [r1_prompt(json.loads(line)) for line in open(rl)][:4]
-    base = build_tiny_checkpoint(os.path.join(root, "base"), "qwen2_5_vl", corpus=corpus, vision_hidden=64,
-                                 vocab_size=2000, seed=args.seed)
-    common = ["--media_root", os.path.join(root, "data"), "--nframes", "4", "--min_pixels", str(size * size),
-              "--max_pixels", str(size * size), "--per_device_prompts", "8", "--save_steps", "100000",
-              "--log_rollouts_every", "25", "--seed", str(args.seed), "--pretext_tasks", "arrow"]
-    # constant lr: with cosine decay, runs that find the cue late (seed-dependent) stall before they reach it
-    rlx = ["--learning_rate", "1e-3", "--lr_scheduler_type", "constant", "--max_steps", str(rl_steps),
-           "--temperature", "0.7", "--max_completion_length", "20"]
-    stages = [("sft", base, sft, root + "/sft", ["--learning_rate", "3e-3", "--max_steps", str(sft_steps)]),
-              ("pretext", root + "/sft", rl, root + "/pretext", rlx),
-              ("viss", root + "/sft", rl, root, rlx)]
-    curves = {}
-    for stage, model, data, out, extra in stages:
-        print0(f"\n=== {stage}: {model} -> {out} ===")
-        for d in [d for d in os.listdir(out) if re.fullmatch(r"step-\d{6}", d)] if os.path.isdir(out) else []:
-            shutil.rmtree(os.path.join(out, d))  # the demo's own earlier run: start it again
-        train(parse_args(["--stage", stage, "--model", model, "--data", data, "--out", out] + common + extra))
-        with open(os.path.join(out, "metrics.jsonl")) as f:
-            curves[stage] = [json.loads(line) for line in f]
-    summary = {"minutes": (time.time() - t0) / 60}
-    print0("\nlearning curves (means over 10-step windows):")
-    for stage, key, name in [("pretext", "rewards/accuracy/mean", "Pretext-GRPO pretext accuracy"),
-                             ("viss", "rewards/accuracy/mean", "ViSS-R1 user-question accuracy"),
-                             ("viss", "rewards/transform/mean", "ViSS-R1 transform reward"),
-                             ("viss", "rewards/format/mean", "ViSS-R1 format reward")]:
-        vals = [m[key] for m in curves[stage]]
-        points = [sum(vals[i:i + 10]) / len(vals[i:i + 10]) for i in range(0, len(vals), 10)]
-        print0(f"{name:>32}: " + " ".join(f"{p:.2f}" for p in points))
-        summary[name] = (points[0], points[-1])
-    print0(f"demo finished in {summary['minutes']:.1f} min; the ViSS-R1 checkpoint is {root}")
-    return summary
 
 
 if __name__ == "__main__":
