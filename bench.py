@@ -260,8 +260,8 @@ def make_sample(video: str, skeleton: str, frames: int, max_pixels: int) -> V.Sa
     """The training path for one clip: decode `frames` frames, fit to max_pixels, patch, Video-R1 prompt ids."""
     from transformers import AutoConfig, AutoTokenizer
     spec = V.vision_spec(AutoConfig.from_pretrained(skeleton), skeleton)
-    fr, fps = V.load_video(video, nframes=frames)
-    media = V.fit_media(V.Media(fr, "video", fps), spec, 4 * 28 * 28, max_pixels)
+    fr, fps, times = V.load_video(video, nframes=frames)
+    media = V.fit_media(V.Media(fr, "video", fps, times), spec, 4 * 28 * 28, max_pixels)
     vis = V.vision_inputs(media, spec)
     ids, types = V.prompt_ids(AutoTokenizer.from_pretrained(skeleton), V.r1_prompt(ROW), media, spec,
                               vis["video_grid_thw"][0].tolist())

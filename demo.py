@@ -197,17 +197,17 @@ def run_demo(root: str = "out", seed: int = 42, sft_steps: int = 100, rl_steps: 
     import shutil
     import time
     t0 = time.time()
-    size = 168  # clips are written at the size the model sees: min_pixels = max_pixels = size²
+    size = 168  # clips are written at the size the model sees: video_min_pixels = video_max_pixels = size²
     rl, sft = write_demo_data(os.path.join(root, "data"), size=size)
     corpus = [V.r1_prompt(json.loads(line)) for line in open(rl)][:4]
     base = build_tiny_checkpoint(os.path.join(root, "base"), "qwen2_5_vl", corpus=corpus, vision_hidden=64,
                                  vocab_size=2000, seed=seed)
-    common = ["--media_root", os.path.join(root, "data"), "--nframes", "4", "--min_pixels", str(size * size),
-              "--max_pixels", str(size * size), "--per_device_prompts", "8", "--save_steps", "100000",
+    common = ["--media_root", os.path.join(root, "data"), "--nframes", "4", "--video_min_pixels", str(size * size),
+              "--video_max_pixels", str(size * size), "--per_device_prompts", "8", "--save_steps", "100000",
               "--log_rollouts_every", "25", "--seed", str(seed), "--pretext_tasks", "arrow"]
     # constant lr: with cosine decay, runs that find the cue late (seed-dependent) stall before they reach it
     rlx = ["--learning_rate", "1e-3", "--lr_scheduler_type", "constant", "--max_steps", str(rl_steps),
-           "--temperature", "0.7", "--max_completion_length", "20"]
+           "--temperature", "0.7", "--top_p", "1.0", "--max_completion_length", "20"]
     stages = [("sft", base, sft, root + "/sft", ["--learning_rate", "3e-3", "--max_steps", str(sft_steps)]),
               ("pretext", root + "/sft", rl, root + "/pretext", rlx),
               ("viss", root + "/sft", rl, root, rlx)]

@@ -4,8 +4,7 @@ Evaluate a Qwen2-VL-family checkpoint on the ViSS-R1 paper's video benchmarks (S
 ViSS-R1 (Fang et al., arXiv 2511.13054) reports VSI-Bench, VideoMMMU, MMVU (multiple choice), MVBench, TempCompass
 and VideoMME (no subtitles) on Video-R1's evaluation files (`eval_*.json`: Video-R1 rows + `original_question_type`).
 This script answers them with a checkpoint written by viss_r1.py (or any Qwen2-VL / Qwen2.5-VL / Qwen3-VL folder or
-hub name): greedy decoding, the r1 prompt, 32 frames of 128·28·28..256·28·28 pixels, the paper's scoring, and a
-table next to the published numbers.
+hub name) and prints a table next to the published numbers.
 
     python eval.py --ckpt out/                                      # every eval_*.json in ./eval
     python eval.py --ckpt out/ --bench eval/eval_mvbench.json --media_root /data/Evaluation --batch_size 8
@@ -23,10 +22,16 @@ Probes, each reported next to the normal score (always computed):
   transform  the clip transformed by a random pretext task (seeded per item), only the pretext question asked
              (pretext prompt): pretext accuracy per task, the skill ViSS-R1 trains
 
+Scoring is the release's evaluation's, because the paper's figures come from it: the answer is the first
+<answer>'s content, or the whole output when that is empty (no tag, or an empty tag); multiple choice by exact
+match, numerical by the training rule, regression by MRA in float32 (an error of exactly 1 - θ falls outside bin
+θ); any other problem type scores 0 (none occurs in the six benchmarks). 32 frames, video frames 128·28·28 to
+256·28·28 px, the r1 prompt, 1,024 new tokens, as the release evaluates.
+
 Deliberate departures from the authors' evaluation:
-  1. Greedy decoding where the release sampled at temperature 0.1, top_p 0.001 (near-greedy, not reproducible).
-     Every sampling parameter is passed explicitly, so a checkpoint's generation_config.json cannot add its own
-     (the Qwen-VL Instruct releases ship top_k 1, temperature 0.1, repetition_penalty 1.05).
+  1. Greedy decoding: the release samples at temperature 0.1 with top_p 0.001, which keeps only the most likely
+     token, i.e. greedy up to ties. Every sampling parameter is passed explicitly, so a checkpoint's
+     generation_config.json cannot add its own (the Qwen-VL Instruct releases ship repetition_penalty 1.05).
   2. An item whose video is missing or undecodable is counted as failed, named in the predictions file and left
      out of the scores, never scored as wrong; the authors' MVBench correction for missing videos
      (accuracy × 4000/3800) appears only as the labelled paper-style figure.
@@ -43,6 +48,7 @@ import math
 import os
 import random
 import re
+from dataclasses import replace
 from types import SimpleNamespace
 
 import torch
@@ -76,8 +82,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="predictions and results (default: <ckpt>/eval)")
     p.add_argument("--prompt", choices=("r1", "viss"), default="r1", help="r1 is the paper's evaluation prompt")
     p.add_argument("--nframes", type=int, default=32, help="frames sampled per clip (the paper: 32)")
-    p.add_argument("--max_pixels", type=int, default=256 * 28 * 28, help="per frame")
-    p.add_argument("--min_pixels", type=int, default=128 * 28 * 28, help="per frame")
+    p.add_argument("--video_min_pixels", type=int, default=128 * 28 * 28, help="per video frame (the release's eval)")
+    p.add_argument("--video_max_pixels", type=int, default=256 * 28 * 28, help="per video frame (the release's eval)")
+    p.add_argument("--image_min_pixels", type=int, default=4 * 28 * 28, help="per image")
+    p.add_argument("--image_max_pixels", type=int, default=256 * 28 * 28, help="per image")
+    p.add_argument("--prompts", default="", help="JSON file of prompt templates (the same format as training's)")
     p.add_argument("--max_new_tokens", type=int, default=1024, help="generated tokens per item at most")
     p.add_argument("--batch_size", type=int, default=4, help="items per generate call on each process")
     p.add_argument("--limit", type=int, default=0, help="only the first N rows of each benchmark (0: all)")
@@ -86,6 +95,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.nframes < 2 or args.batch_size < 1:
         p.error("--nframes must be at least 2 and --batch_size at least 1")
+    for kind in ("video", "image"):
+        if (lo := getattr(args, f"{kind}_min_pixels")) > (hi := getattr(args, f"{kind}_max_pixels")):
+            p.error(f"--{kind}_min_pixels {lo} is above --{kind}_max_pixels {hi}")
     args.probes = ["none"] + [q for q in dict.fromkeys(args.probe) if q != "none"]  # the normal score always
     if args.out is None:  # a hub name gets a local folder, not one inside the hub id
         args.out = (os.path.join(args.ckpt, "eval") if os.path.isdir(args.ckpt)
@@ -127,16 +139,20 @@ def prompt_kind(probe: str, prompt: str) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 def parse_answer(output: str) -> str:
-    """The first <answer> of the output, or the whole output stripped when it has none (SPEC §8)."""
-    return V.extract_tag(output) if re.search(r"<answer>.*?</answer>", output, re.DOTALL) else output.strip()
+    """The first <answer>'s content, or the whole output (stripped) when that is empty: no tag, or an empty one."""
+    return V.extract_tag(output) or output.strip()
 
 
 def score_item(output: str, solution: str, problem_type: str) -> tuple[str, float]:
-    """(parsed answer, score in [0, 1]): regression by MRA, every other type by the training reward (SPEC §4)."""
-    answer = parse_answer(output)
+    """(parsed answer, score in [0, 1]) as the release's evaluation scores it (SPEC §8): multiple choice exact,
+    numerical by the training rule, regression by MRA; any other type scores 0 there (none occurs in the six
+    benchmarks), and so it does here."""
+    answer, gt = parse_answer(output), V.extract_tag(solution)
     if problem_type == "regression":
-        return answer, V.mean_relative_accuracy(answer, V.extract_tag(solution))
-    return answer, V.accuracy_reward(f"<answer>{answer}</answer>", solution, problem_type)
+        return answer, V.mean_relative_accuracy(answer, gt)
+    if problem_type in ("multiple choice", "numerical"):
+        return answer, V.accuracy_reward(f"<answer>{answer}</answer>", solution, problem_type)
+    return answer, 0.0
 
 
 def paper_style(name: str, acc: float | None, mra: float | None) -> tuple[float | None, str]:
@@ -173,25 +189,25 @@ def summarize(records: list[dict], name: str, probe: str) -> dict:
 def prepare(row: dict, media: V.Media, probe: str, prompt: str, args, spec, tokenizer,
             rng: random.Random) -> V.Sample:
     """A row and its loaded clip -> a Sample for generate; the probe acts before resizing, as in training."""
-    kind, frames, T = media.kind, media.frames, media.frames.shape[0]
+    kind, T = media.kind, media.frames.shape[0]
     mode, solution, ptype = prompt, row["solution"], row["problem_type"]
     # departure 3: the viss prompt on the untouched clip asks the rotate question, whose answer is A (0°)
     task, option = ("rotate", 0) if prompt == "viss" else (None, None)
     if probe == "blind":  # same shape, so the same grid and number of vision tokens: only the pixels go
-        frames = torch.full_like(frames, 128)
+        media = replace(media, frames=torch.full_like(media.frames, 128))
     elif probe == "shuffled":
-        frames = frames[torch.tensor(rng.sample(range(T), T))]
-    elif probe == "transform":  # the pretext question alone; `shuffle` needs 4 equal groups of frames
-        tasks = tuple(t for t in V.PRETEXT_TASKS[kind] if t != "shuffle" or T % 4 == 0)
+        media = replace(media, frames=media.frames[torch.tensor(rng.sample(range(T), T))])
+    elif probe == "transform":  # the pretext question alone; `shuffle` needs 4 groups of frames
+        tasks = tuple(t for t in V.PRETEXT_TASKS[kind] if t != "shuffle" or T >= 4)
         task, option = V.sample_pretext(kind, tasks, rng)
-        frames = V.apply_pretext(frames, task, option)
+        media = V.frames_for_task(media, task)
+        media = replace(media, frames=V.apply_pretext(media.frames, task, option))
         mode, solution, ptype = "pretext", f"<answer>{V.LETTERS[option]}</answer>", "multiple choice"
-    media = V.fit_media(V.Media(frames, kind, media.fps), spec, args.min_pixels, args.max_pixels)
+    media = V.fit_media(media, spec, *V.pixel_bounds(args, kind))
     vis = V.vision_inputs(media, spec)
     grid = vis["video_grid_thw" if kind == "video" else "image_grid_thw"][0].tolist()
-    text = (V.pretext_prompt(task, T) if mode == "pretext" else V.viss_prompt(row, task, T) if mode == "viss"
-            else V.r1_prompt(row))
-    ids, types = V.prompt_ids(tokenizer, text, media, spec, grid)
+    system, text = V.render_prompt(mode, row, task, len(media.frames), V.load_prompts(args.prompts))
+    ids, types = V.prompt_ids(tokenizer, text, media, spec, grid, system)
     return V.Sample(row, mode, ids, types, vis, solution, ptype, task=task, option=option)
 
 
@@ -264,7 +280,8 @@ def predict(name: str, rows: list[dict], ids: list[str], idx: list[int], probe: 
 def check_settings(args) -> str | None:
     """Predictions in --out must come from the same checkpoint and settings (prompt and probe are in each line)."""
     now = {"ckpt": os.path.abspath(args.ckpt) if os.path.isdir(args.ckpt) else args.ckpt,
-           **{k: getattr(args, k) for k in ("nframes", "min_pixels", "max_pixels", "max_new_tokens", "seed")}}
+           **{k: getattr(args, k) for k in ("nframes", "video_min_pixels", "video_max_pixels", "image_min_pixels",
+                                            "image_max_pixels", "prompts", "max_new_tokens", "seed")}}
     path = os.path.join(args.out, "settings.json")
     if not os.path.exists(path):  # a fresh --out: these settings are now its settings
         with open(path, "w") as f:
@@ -353,6 +370,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     try:  # every row of every file validated before the model loads: a bad row stops the run with its index
         benches = {name: V.load_rows(path) for name, path in find_benchmarks(args.bench).items()}
+        V.load_prompts(args.prompts)
     except V.DataError as e:
         raise SystemExit(f"error: {e}") from None
     rank, world, device = V.setup_distributed()
