@@ -211,29 +211,6 @@ def prepare(row: dict, media: V.Media, probe: str, prompt: str, args, spec, toke
     return V.Sample(row, mode, ids, types, vis, solution, ptype, task=task, option=option)
 
 
-@torch.no_grad()
-def generate_batch(model, samples: list[V.Sample], eos_ids: list[int], pad_id: int, suppress: list[int],
-                   max_new_tokens: int) -> torch.Tensor:
-    """Greedy completions of B prompts in one generate call -> new tokens [B, <= max_new_tokens].
-
-    input_ids, mm_token_type_ids, attention_mask [B, L] are padded on the left, so every prompt ends where decoding
-    starts (get_rope_index skips the masked pads); the clips' pixel rows, grids and second_per_grid_ts are
-    concatenated in batch order, the order in which the model hands them to the placeholder runs.
-    """
-    L, dev = max(len(s.ids) for s in samples), model.device
-    left = lambda fill, seq: [fill] * (L - len(seq)) + seq  # noqa: E731
-    ids = torch.tensor([left(pad_id, s.ids) for s in samples], device=dev)
-    types = torch.tensor([left(0, s.types) for s in samples], device=dev)
-    mask = torch.tensor([left(0, [1] * len(s.ids)) for s in samples], device=dev)
-    vis = {k: torch.cat([s.vis[k] for s in samples if k in s.vis]).to(dev) for k in
-           ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
-           if any(k in s.vis for s in samples)}
-    out = model.generate(input_ids=ids, attention_mask=mask, mm_token_type_ids=types, **vis, do_sample=False,
-                         temperature=None, top_p=None, top_k=None, repetition_penalty=None, suppress_tokens=suppress,
-                         max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id)
-    return out[:, L:]
-
-
 def load_checkpoint(path: str, device) -> SimpleNamespace:
     """Model (bf16 on GPU, float32 on CPU), tokenizer, vision spec and the token ids generate needs."""
     from transformers import AutoModelForImageTextToText, AutoTokenizer
@@ -265,7 +242,7 @@ def predict(name: str, rows: list[dict], ids: list[str], idx: list[int], probe: 
         rng = random.Random(f"{args.seed}/{name}/{ids[i]}/{probe}")  # a str seed hashes the same in every process
         ready.append((rec, prepare(row, media, probe, args.prompt, args, ctx.spec, ctx.tokenizer, rng)))
     if ready:
-        new = generate_batch(ctx.model, [s for _, s in ready], ctx.eos_ids, ctx.pad_id, ctx.suppress,
+        new = V.generate_batch(ctx.model, [s for _, s in ready], ctx.eos_ids, ctx.pad_id, ctx.suppress,
                              args.max_new_tokens)
         for (rec, s), text in zip(ready, ctx.tokenizer.batch_decode(new, skip_special_tokens=True)):
             answer, score = score_item(text, s.solution, s.problem_type)
@@ -401,7 +378,8 @@ def main(argv=None) -> dict:
         with open(os.path.join(args.out, "results.txt"), "w") as f:
             f.write(table + "\n")
         print(table, flush=True)
-    if world > 1:
+    if world > 1:  # every rank done with the group before any tears it down (gloo aborts otherwise)
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return results
 

@@ -1881,3 +1881,163 @@ def test_bench_tiny_preset_end_to_end(tmp_path):
     points = [(s["axis"], s[s["axis"]]) for s in res["scaling"]]
     assert points == [("G", 2), ("G", 4), ("frames", 4), ("frames", 8), ("N", 4), ("N", 8)]
     assert all(s["step_s"]["median"] > 0 and s["peak_mib"] > 0 for s in res["scaling"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# annotate.py: the SSL-CoT stage (filter, replay, CLI end to end, kill and rerun, torchrun)
+# ---------------------------------------------------------------------------------------------------------
+
+import annotate as N  # noqa: E402
+
+T3 = "<think>{}</think>\n<transform>{}</transform>\n<answer>{}</answer>"
+WHY = "The horizon is at the bottom and the text reads upside down, so it was turned 180 degrees; restored, the car is red."
+VERDICT_CASES = [  # (completion, applied letter, solution, problem type, min_accuracy, expected reason or None)
+    (T3.format(WHY, "C", "A"), "C", "<answer>A</answer>", "multiple choice", 0.6, None),
+    ("  " + T3.format(WHY, "C", "A") + "\n", "C", "<answer>A</answer>", "multiple choice", 0.6, "format"),  # unstripped
+    (T3.format(WHY, "C", "A") + " Hope this helps.", "C", "<answer>A</answer>", "multiple choice", 0.6, "format"),
+    (f"<think>{WHY}</think><answer>A</answer>", "C", "<answer>A</answer>", "multiple choice", 0.6, "format"),
+    (f"{WHY}<transform>C</transform><answer>A</answer>", "C", "<answer>A</answer>", "multiple choice", 0.6, "format"),
+    (T3.format(WHY, "B", "A"), "C", "<answer>A</answer>", "multiple choice", 0.6, "transform"),  # the teacher's own
+    (T3.format(WHY, "C, D", "A"), "C", "<answer>A</answer>", "multiple choice", 0.6, "transform"),
+    (T3.format(WHY, "", "A"), "C", "<answer>A</answer>", "multiple choice", 0.6, "transform"),
+    (T3.format(WHY, "C", "B"), "C", "<answer>A</answer>", "multiple choice", 0.6, "answer"),
+    (T3.format(WHY, "C", "A."), "C", "<answer>A</answer>", "multiple choice", 0.6, "answer"),
+    (T3.format("Three cups.", "A", "3.0"), "A", "<answer>3</answer>", "numerical", 0.6, "answer"),
+    (T3.format("Three cups.", "A", "3"), "A", "<answer>3</answer>", "numerical", 0.6, None),
+    (T3.format("About 11 m.", "B", "11"), "B", "<answer>10</answer>", "regression", 0.6, None),  # 0.9 >= 0.6
+    (T3.format("About 15 m.", "B", "15"), "B", "<answer>10</answer>", "regression", 0.6, "answer"),  # 0.5
+    (T3.format("It says.", "A", "hello world"), "A", "<answer>hello there big world</answer>", "OCR", 0.6, "answer"),  # 0.5
+    (T3.format("It says.", "A", "hello world"), "A", "<answer>hello there big world</answer>", "OCR", 0.5, None),
+    (T3.format("A dog runs.", "D", "a dog runs in the park"), "D", "<answer>a dog runs in the park</answer>",
+     "free-form", 0.6, None),
+    (T3.format("The ground truth says red, so red.", "C", "A"), "C", "<answer>A</answer>", "multiple choice", 0.6,
+     "leak"),
+    (T3.format("Matching the Ground-Truth label.", "C", "A"), "C", "<answer>A</answer>", "multiple choice", 0.6, "leak"),
+    (T3.format("The reference answer is A.", "C", "A"), "C", "<answer>A</answer>", "multiple choice", 0.6, "leak"),
+    (T3.format("Since I was given the answer, A.", "C", "A"), "C", "<answer>A</answer>", "multiple choice", 0.6,
+     "leak"),
+    (T3.format("So the correct answer is A.", "C", "A"), "C", "<answer>A</answer>", "multiple choice", 0.6, None),
+]
+
+
+@pytest.mark.parametrize("completion,letter,solution,ptype,min_acc,reason", VERDICT_CASES)
+def test_annotation_verdict(completion, letter, solution, ptype, min_acc, reason):
+    assert V.annotation_verdict(completion, letter, solution, ptype, min_acc) == reason
+
+
+@pytest.fixture(scope="module")
+def teacher(demo, tmp_path_factory):
+    """A tiny teacher that writes the 3-tag format and always answers A (trained here by --stage sft), and rows
+    whose answer is A: it keeps the rows whose drawn transform is `arrow` A (not reversed), rejects the others."""
+    root = tmp_path_factory.mktemp("teacher")
+    rows = [dict(r, solution="<answer>A</answer>") for r in V.load_rows(demo["rl"])]
+    sft = [dict(r, process="<think>ok</think>", trans_opt="arrow", trans_ans="A") for r in rows]
+    (root / "sft.jsonl").write_text("\n".join(json.dumps(r) for r in sft) + "\n")
+    V.train(V.parse_args(["--stage", "sft", "--model", demo["base"], "--data", str(root / "sft.jsonl"),
+                          "--media_root", demo["media"], "--out", str(root / "ckpt"), "--nframes", "4",
+                          *pixels(3136), "--per_device_prompts", "8", "--learning_rate", "3e-3", "--max_steps", "60",
+                          "--lr_scheduler_type", "constant", "--save_steps", "1000"]))
+    data = rows[:10] + [dict(rows[0], problem_id=99, path="./videos/missing.y4m")]
+    (root / "cot.json").write_text(json.dumps(data))
+    (root / "prompts.json").write_text(json.dumps({"annotate": V.PROMPTS["viss"]}))  # the prompt it learned
+    return {"ckpt": str(root / "ckpt"), "data": str(root / "cot.json"), "prompts": str(root / "prompts.json"),
+            "rows": data, "media": demo["media"]}
+
+
+def annotate_args(t, out, *extra):
+    return ["--model", t["ckpt"], "--data", t["data"], "--media_root", t["media"], "--out", str(out), "--prompts",
+            t["prompts"], "--pretext_tasks", "arrow", "--nframes", "4", *pixels(3136), "--max_new_tokens", "24",
+            "--batch_size", "3", *map(str, extra)]
+
+
+def run_annotate(*args, timeout=300):
+    return subprocess.run([sys.executable, os.path.join(HERE, "annotate.py"), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+
+def read_out(out, tag=""):
+    return [[json.loads(line) for line in open(os.path.join(out, f"{k}{tag}.jsonl"))] for k in
+            ("ssl_cot", "rejects", "failed")]
+
+
+def test_annotate_end_to_end_then_sft_trains_on_the_output(teacher, demo, tmp_path):
+    out = tmp_path / "ssl"
+    r = run_annotate(*annotate_args(teacher, out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    kept, rejected, failed = read_out(out)
+    assert kept and rejected, (len(kept), [x["reason"] for x in rejected])  # a teacher that gets some right
+    assert [f["source_index"] for f in failed] == [10] and "missing.y4m" in failed[0]["error"]
+    for k in kept:  # the applied letter, the true answer, the teacher's <think> block, what the replay needs
+        src = teacher["rows"][k["source_index"]]
+        assert k["trans_opt"] == "arrow" and k["trans_ans"] == "A" and k["solution"] == src["solution"]
+        assert k["process"].startswith("<think>") and k["process"].endswith("</think>")
+        assert (k["nframes"], k["video_min_pixels"], k["video_max_pixels"]) == (4, 3136, 3136)
+    assert {x["reason"] for x in rejected} <= {"transform", "format", "answer"}
+    assert all(x["trans_ans"] == "B" for x in rejected if x["reason"] == "transform")
+    s = json.load(open(out / "summary.json"))
+    assert (s["rows"], s["kept"], s["rejected"], s["failed"]) == (11, len(kept), len(rejected), 1)
+    assert s["by_task"]["arrow"] == {"kept": len(kept), "rejected": len(rejected)}
+    # the same draw on a rerun (seeded by the row), and by an independent job split in two shards, merged
+    for i in (0, 1):
+        r = run_annotate(*annotate_args(teacher, tmp_path / "sh", "--num_shards", 2, "--shard_index", i))
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert run_annotate("--merge", tmp_path / "sh").returncode == 0
+    assert read_out(tmp_path / "sh") == read_out(out)[:2] + [read_out(tmp_path / "sh")[2]]
+    # --stage sft trains on the output as it is
+    r = run_cli("--stage", "sft", "--model", demo["base"], "--data", out / "ssl_cot.jsonl", "--media_root",
+                demo["media"], "--out", tmp_path / "sft", "--max_steps", 2, "--per_device_prompts", 2, *pixels(3136))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert all(math.isfinite(m["loss"]) for m in read_metrics(tmp_path / "sft"))
+
+
+def test_sft_replays_exactly_what_the_teacher_saw(demo, tmp_path):
+    """A kept row read by --stage sft: the same frames (pixel-equal) and the same transform question, whatever
+    the SFT run's own frame and pixel flags."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(demo["base"])
+    spec = V.vision_spec(__import__("transformers").AutoConfig.from_pretrained(demo["base"]), demo["base"])
+    write_mp4(str(tmp_path / "c.mp4"), rand_frames(45, 64, 96).numpy(), fps=15)  # 3 s at 2 fps: 6 frames
+    row = dict(V.load_rows(demo["rl"])[0], path=str(tmp_path / "c.mp4"))
+    args = N.parse_args(["--data", "x", "--nframes", "0", "--pretext_tasks", "shuffle", "--video_min_pixels", "6272",
+                         "--video_max_pixels", "6272"])
+    s, replay = N.prepare(row, 7, args, spec, tok)
+    assert s.task == "shuffle" and replay == {"nframes": 6, "video_min_pixels": 6272, "video_max_pixels": 6272}
+    kept = dict(row, process="<think>x</think>", trans_opt=s.task, trans_ans=s.letter, **replay)
+    sft = V.parse_args(["--stage", "sft", "--nframes", "16", "--video_min_pixels", "3136", "--video_max_pixels", "3136"])
+    student = V.make_sample(kept, sft, spec, tok, random.Random(0))
+    assert torch.equal(student.vis["pixel_values_videos"], s.vis["pixel_values_videos"])  # pixel-equal
+    assert torch.equal(student.vis["video_grid_thw"], s.vis["video_grid_thw"])
+    question = V.pretext_question("shuffle", 4)  # 6 sampled frames, 4 kept for the four groups
+    assert question in tok.decode(s.ids) and question in tok.decode(student.ids)
+
+
+def test_annotate_killed_and_rerun_writes_every_row_exactly_once(teacher, tmp_path):
+    import signal
+    import time
+    out = tmp_path / "ssl"
+    cmd = [sys.executable, os.path.join(HERE, "annotate.py"), *annotate_args(teacher, out)]
+    cmd[cmd.index("--batch_size") + 1] = "1"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lines = lambda: sum(len(open(p).readlines()) for p in (out / "ssl_cot.jsonl", out / "rejects.jsonl")  # noqa
+                        if p.exists())
+    deadline = time.time() + 240
+    while lines() < 4 and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 4 <= lines() < 10, "not killed mid-run"
+    r = run_annotate(*annotate_args(teacher, out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    kept, rejected, failed = read_out(out)
+    seen = sorted([k["source_index"] for k in kept] + [x["source_index"] for x in rejected + failed])
+    assert seen == list(range(11))  # every input row exactly once
+
+
+@pytest.mark.parametrize("mode", ["data_parallel", "sharded"])
+def test_annotate_two_processes_keep_what_one_keeps(teacher, tmp_path, mode):
+    one = tmp_path / "one"
+    assert run_annotate(*annotate_args(teacher, one)).returncode == 0
+    extra = ["--shard_teacher"] if mode == "sharded" else []
+    r = torchrun(*annotate_args(teacher, tmp_path / "two", *extra), script=os.path.join(HERE, "annotate.py"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert read_out(tmp_path / "two") == read_out(one)

@@ -15,7 +15,8 @@ and for answering the user's question about the restored clip, inside the same G
     GRPO / T-GRPO  the Video-R1 baseline on the original clip, beta 0.04
 
 Run it:
-    python demo.py                                    # CPU, no downloads, ~7 min: SFT -> Pretext-GRPO / ViSS-R1
+    python demo.py                                    # CPU, no downloads, ~4 min: SFT -> Pretext-GRPO / ViSS-R1
+    python annotate.py --model Qwen/Qwen2.5-VL-72B-Instruct --data Video-R1-COT-165k.json ...  # SSL-CoT SFT data
     python viss_r1.py --stage viss --model sft_out/ --data train.jsonl --media_root data/ --out out/
     torchrun --nproc_per_node 8 viss_r1.py --stage viss --model sft_out/ --data train.jsonl \
         --media_root data/ --out out/ --bf16 --gradient_checkpointing        # the paper: 8 GPUs, FSDP2
@@ -203,15 +204,16 @@ def setup_distributed() -> tuple[int, int, torch.device]:
 def shard(policy, bf16: bool, device: torch.device) -> None:
     """FSDP2: one unit per decoder layer and per vision block (the classes transformers marks as not to be
     split), plus the root (embeddings, lm_head, norms, patch embedding, merger). Parameters, gradients and
-    AdamW state are split across ranks; compute in bf16 with float32 master weights and reductions."""
+    AdamW state are split across ranks; compute in bf16 with float32 master weights and reductions.
+    `policy` is a Policy, or the model itself when it is called directly (a sharded teacher's generate)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else torch.float32, reduce_dtype=torch.float32)
-    blocks = set(policy.model._no_split_modules)  # e.g. Qwen2_5_VLDecoderLayer, Qwen2_5_VLVisionBlock
-    for module in list(policy.model.modules()):
-        if type(module).__name__ in blocks:
-            fully_shard(module, mesh=mesh, mp_policy=mp)
+    model = policy.model if isinstance(policy, Policy) else policy
+    blocks = set(model._no_split_modules)  # e.g. Qwen2_5_VLDecoderLayer, Qwen2_5_VLVisionBlock
+    for module in [m for m in model.modules() if type(m).__name__ in blocks] + [model.model.visual]:
+        fully_shard(module, mesh=mesh, mp_policy=mp)  # the vision tower too: generate() runs it outside forward
     fully_shard(policy, mesh=mesh, mp_policy=mp)
 
 
@@ -629,6 +631,17 @@ PROMPTS = {
         "{type_instruction}\nTransform question: {pretext_question}\nUser Question: {question}"),
     "sft_r1": None,
     "sft_viss": None,
+    # SSL-CoT annotation (the cold-start data): the teacher sees the transformed media and both true answers
+    "annotate": (
+        "The {media} you see was transformed by one of the operations in the transform question, and a user asked "
+        "a question about the original {media}.\nTransform question: {pretext_question}\nUser question: "
+        "{question}\nThe transformation applied is option {transform}; the answer to the user question is: "
+        "{answer}\nWrite the reasoning that a careful viewer would follow to reach exactly these two answers from "
+        "what is visible: first work out which transformation was applied and why, then undo it in your mind and "
+        "answer the user question about the restored {media}, citing concrete visual evidence. Never say or imply "
+        "that the answers were given to you: reason as if you found them yourself.\nReply in exactly this format "
+        "and nothing else:\n<think> your reasoning </think>\n<transform>{transform}</transform>\n"
+        "<answer>{answer}</answer>"),
     # the pieces the prompts are made of
     "think": ("Please think about this question as a person would while working it out in their head: hold an "
               "inner dialogue, use phrases such as \"let me think\", \"wait\", \"Hmm\", \"oh, I see\", \"let's "
@@ -667,7 +680,8 @@ PROMPTS = {
 PROMPT_FIELDS = {"r1": {"question", "problem", "options", "type_instruction", "think", "media"},
                  "pretext": {"pretext_question", "focus", "think", "type_instruction", "media", "num_frames"}}
 PROMPT_FIELDS["viss"] = PROMPT_FIELDS["r1"] | PROMPT_FIELDS["pretext"]
-PROMPT_FIELDS.update(sft_r1=PROMPT_FIELDS["r1"], sft_viss=PROMPT_FIELDS["viss"])
+PROMPT_FIELDS.update(sft_r1=PROMPT_FIELDS["r1"], sft_viss=PROMPT_FIELDS["viss"],
+                     annotate=PROMPT_FIELDS["viss"] | {"transform", "answer"})
 
 
 @functools.lru_cache(maxsize=8)  # read once per run; every sample asks
@@ -710,8 +724,9 @@ def user_question(row: dict) -> str:
 
 
 def render_prompt(kind: str, row: dict | None = None, task: str | None = None, num_frames: int = 32,
-                  templates: dict | None = None) -> tuple[str | None, str]:
-    """(system message or None, user text) of prompt `kind` (r1 | pretext | viss | sft_r1 | sft_viss)."""
+                  templates: dict | None = None, **extra) -> tuple[str | None, str]:
+    """(system message or None, user text) of prompt `kind` (r1 | pretext | viss | sft_r1 | sft_viss | annotate);
+    `extra` fields: the annotation prompt's true `transform` letter and `answer`."""
     t = templates or PROMPTS
     prompt = t[kind] if t.get(kind) is not None else t[kind.removeprefix("sft_")]
     prompt = prompt if isinstance(prompt, dict) else {"user": prompt}
@@ -722,6 +737,7 @@ def render_prompt(kind: str, row: dict | None = None, task: str | None = None, n
         fields.update(question=user_question(row), problem=row["problem"], options="\n".join(row.get("options", [])))
     if task is not None:
         fields.update(pretext_question=pretext_question(task, num_frames, t), focus=t["focus"][task])
+    fields.update(extra)
     return (prompt["system"].format(**fields) if prompt.get("system") else None), prompt["user"].format(**fields)
 
 
@@ -904,6 +920,28 @@ def group_rewards(completions: list[str], lengths: list[int], solution: str, pro
     totals = [sum(vals) for vals in zip(*parts.values())]
     return totals, parts
 
+LEAK = re.compile(r"ground[\s-]*truth|reference (?:answer|letter)|(?:given|provided|supplied) (?:answer|letter|label|"
+                  r"transformation)|answer key|(?:was|were|been|is|are) (?:given|provided|told|supplied) (?:to me|the)",
+                  re.IGNORECASE)
+
+
+def annotation_verdict(completion: str, letter: str, solution: str, problem_type: str,
+                       min_accuracy: float = 0.6) -> str | None:
+    """Why a teacher's SSL-CoT chain is dropped, or None to keep it: the 3-tag format, the applied transform
+    letter, a right answer (multiple choice and numerical exactly; OCR, free-form and regression at least
+    `min_accuracy`), and no mention of having been given the answers. Stricter than the release, which keeps
+    the teacher's own letter even when it is wrong: such a row would teach the student a wrong label."""
+    if not format_reward(completion, with_transform=True):
+        return "format"
+    if extract_tag(completion, "transform") != letter:
+        return "transform"
+    need = 1.0 if problem_type in ("multiple choice", "numerical") else min_accuracy
+    if accuracy_reward(completion, solution, problem_type) < need:
+        return "answer"
+    if LEAK.search(extract_tag(completion, "think")):
+        return "leak"
+    return None
+
 # ---------------------------------------------------------------------------------------------------------
 # GRPO math (SPEC §5): advantages, memory-safe token log-probs, clipped loss with k3 KL
 # ---------------------------------------------------------------------------------------------------------
@@ -1064,6 +1102,8 @@ def validate_row(row, index: int, source: str) -> None:
             bad(f"trans_opt {task!r} is not a {row['data_type']} pretext task")
         if len(ans) != 1 or LETTERS.find(ans) not in range(NUM_OPTIONS[task]):
             bad(f"trans_ans {ans!r} is not an option letter of {task}")
+        if not isinstance(row.get("nframes", 2), int) or row.get("nframes", 2) < 2:
+            bad(f"nframes {row['nframes']!r} is not a frame count (at least 2)")
 
 
 def load_rows(path: str) -> list[dict]:
@@ -1121,7 +1161,10 @@ def make_sample(row: dict, args: Args, spec: VisionSpec, tokenizer, rng: random.
     too short for every enabled task (callers skip and count the row)."""
     mode, kind = STAGES[args.stage]["prompt"], row["data_type"]
     path = resolve_path(row["path"], args.media_root)
-    media = load_media(path, kind, args.nframes or None, args.max_frames)
+    replay = row if mode == "sft" else {}  # an SSL-CoT row stores the frame count and size its teacher saw
+    nframes, bounds = replay.get("nframes", args.nframes), pixel_bounds(args, kind)
+    bounds = (replay.get(f"{kind}_min_pixels", bounds[0]), replay.get(f"{kind}_max_pixels", bounds[1]))
+    media = load_media(path, kind, nframes or None, args.max_frames)
     task = option = None
     if mode == "sft" and "trans_opt" in row:  # ViSS SFT rows replay their stored transform deterministically
         task, option = row["trans_opt"], LETTERS.index(row["trans_ans"])
@@ -1138,7 +1181,7 @@ def make_sample(row: dict, args: Args, spec: VisionSpec, tokenizer, rng: random.
         perm = list(range(media.frames.shape[0]))
         rng.shuffle(perm)
         shuffled = replace(media, frames=media.frames[perm])
-    media = fit_media(media, spec, *pixel_bounds(args, kind))
+    media = fit_media(media, spec, *bounds)
     vis = vision_inputs(media, spec)
     grid = vis["video_grid_thw" if kind == "video" else "image_grid_thw"][0].tolist()
     num_frames, templates = media.frames.shape[0], load_prompts(args.prompts)
@@ -1154,7 +1197,7 @@ def make_sample(row: dict, args: Args, spec: VisionSpec, tokenizer, rng: random.
     system, text = render_prompt(kind_of_prompt, row, task, num_frames, templates)
     ids, types = prompt_ids(tokenizer, text, media, spec, grid, system)
     if shuffled is not None:
-        shuffled = vision_inputs(fit_media(shuffled, spec, *pixel_bounds(args, kind)), spec)
+        shuffled = vision_inputs(fit_media(shuffled, spec, *bounds), spec)
     return Sample(row, mode, ids, types, vis, solution, ptype, task, option, target, shuffled)
 
 
@@ -1293,6 +1336,34 @@ def sample_group(policy: Policy, sample: Sample, G: int, max_new_tokens: int, te
         logits, cache = policy(input_ids=tokens[-1][:, None], position_ids=step_pos, past_key_values=cache,
                                use_cache=True)
     return torch.stack(tokens, 1), torch.stack(logps, 1)
+
+
+@torch.no_grad()
+def generate_batch(model, samples: list[Sample], eos_ids: list[int], pad_id: int, suppress: list[int],
+                   max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                   synced_gpus: bool = False) -> torch.Tensor:
+    """Completions of B prompts in one `generate` call -> new tokens [B, <= max_new_tokens]: greedy at temperature 0
+    (evaluation), else sampled at exactly `temperature` and `top_p` (every parameter is passed, so a checkpoint's
+    generation_config.json cannot add its own). `synced_gpus`: a teacher sharded with FSDP2 steps all ranks alike.
+
+    input_ids, mm_token_type_ids, attention_mask [B, L] are padded on the left, so every prompt ends where decoding
+    starts (get_rope_index skips the masked pads); the clips' pixel rows, grids and second_per_grid_ts are
+    concatenated in batch order, the order in which the model hands them to the placeholder runs.
+    """
+    L, dev = max(len(s.ids) for s in samples), model.device
+    left = lambda fill, seq: [fill] * (L - len(seq)) + seq  # noqa: E731
+    ids = torch.tensor([left(pad_id, s.ids) for s in samples], device=dev)
+    types = torch.tensor([left(0, s.types) for s in samples], device=dev)
+    mask = torch.tensor([left(0, [1] * len(s.ids)) for s in samples], device=dev)
+    vis = {k: torch.cat([s.vis[k] for s in samples if k in s.vis]).to(dev) for k in
+           ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+           if any(k in s.vis for s in samples)}
+    how = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else \
+        dict(do_sample=False, temperature=None, top_p=None)
+    out = model.generate(input_ids=ids, attention_mask=mask, mm_token_type_ids=types, **vis, **how, top_k=None,
+                         repetition_penalty=None, suppress_tokens=suppress, max_new_tokens=max_new_tokens,
+                         eos_token_id=eos_ids, pad_token_id=pad_id, synced_gpus=synced_gpus)
+    return out[:, L:]
 
 
 def sequence_logprobs(policy: Policy, sample: Sample, completion: torch.Tensor, temperature: float,
