@@ -1,8 +1,10 @@
 """
 The CPU demo of ViSS-R1, and the fixtures that make it (and the tests and bench.py) possible without downloads.
 
-    python demo.py                   # ~7 min on 2 CPU cores: SFT -> Pretext-GRPO and ViSS-R1 GRPO on synthetic clips
+    python demo.py                   # ~4 min on 2 CPU cores: SFT -> Pretext-GRPO and ViSS-R1 GRPO, then eval.py
     python demo.py --seed 2 --out demo2
+    python eval.py --ckpt out/       # the demo's checkpoint on its held-out clips (settings saved beside it)
+    python demo.py --plot runs/viss/metrics.jsonl    # any run's learning curves as an SVG
 
 Everything here is harness, not algorithm: tiny randomly initialised checkpoints of the real architectures
 (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) with a byte-level BPE tokenizer, loadable with `from_pretrained` like a
@@ -146,7 +148,9 @@ def write_demo_data(root: str, n: int = 64, size: int = 56, frames: int = 4, see
     frame after frame, the same in every pixel and for every colour (a reversed clip darkens inside every
     2-frame temporal patch: arrow); each 14x14 patch darkens towards its bottom (a rotation turns that
     texture: rotate); a small grey square drifts across as a distractor."""
-    # writes videos/*.y4m, rl.jsonl (Video-R1 rows), sft.jsonl (format-only SFT rows, random answers) and
+    # writes videos/*.y4m, rl.jsonl (Video-R1 rows), sft.jsonl (the cold start: chain-of-thought rows in the r1
+    # format and SSL-CoT-style rows in the ViSS format, whose transform letter is the one really applied and
+    # whose user answers are random, so SFT teaches the format and the transform, not the answers) and
     # eval_demo.json (n_eval held-out clips in Video-R1-eval format, for eval.py)
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(root, "videos"), exist_ok=True)
@@ -173,8 +177,9 @@ def write_demo_data(root: str, n: int = 64, size: int = 56, frames: int = 4, see
         rl.append(row)
         guess = f"<answer>{V.LETTERS[rng.integers(4)]}</answer>"  # uninformative: teaches the format only
         sft.append(dict(row, process="<think>I look.</think>", solution=guess))
-        sft.append(dict(row, process="<think>I look.</think>", solution=guess,
-                        trans_opt="arrow", trans_ans="A"))  # the 3-tag ViSS format, transform always "A"
+        reversed_ = rng.random() < V.ARROW_REVERSE_P  # replayed by --stage sft: the letter is the truth
+        sft.append(dict(row, process="<think>I look.</think>", solution=guess, trans_opt="arrow",
+                        trans_ans="B" if reversed_ else "A"))
     paths = os.path.join(root, "rl.jsonl"), os.path.join(root, "sft.jsonl")
     for path, data in zip(paths, (rl, sft)):
         with open(path, "w") as f:
@@ -188,11 +193,26 @@ def write_demo_data(root: str, n: int = 64, size: int = 56, frames: int = 4, see
 # The demo: viss_r1.py's own training loop, stage by stage, on the synthetic clips
 # ---------------------------------------------------------------------------------------------------------
 
-def run_demo(root: str = "out", seed: int = 42, sft_steps: int = 100, rl_steps: int = 120) -> dict:
-    """`python demo.py`: on synthetic clips with a tiny Qwen2.5-VL built on the spot, a short SFT that
-    teaches only the output format (random answers), then the paper's two RL recipes from that checkpoint:
-    Pretext-GRPO (the pretext letter is the whole reward) and ViSS-R1 GRPO (user answer + transform + format).
-    The pretext task is `arrow`, as in the release's final video RL run. --out ends as the ViSS-R1 checkpoint.
+# the demo's four curves: (label, stage, metrics key, scale): the transform reward is 0.5 per right letter
+DEMO_CURVES = [("Pretext-GRPO pretext accuracy", "pretext", "rewards/accuracy/mean", 1.0),
+               ("ViSS-R1 user-question accuracy", "viss", "rewards/accuracy/mean", 1.0),
+               ("ViSS-R1 transform accuracy", "viss", "rewards/transform/mean", 2.0),
+               ("ViSS-R1 format reward", "viss", "rewards/format/mean", 1.0)]
+
+
+def window_means(values: list[float], window: int = 10) -> list[float]:
+    """Means over consecutive windows of `window` steps (the last one may be shorter)."""
+    return [sum(values[i:i + window]) / len(values[i:i + window]) for i in range(0, len(values), window)]
+
+
+def run_demo(root: str = "out", seed: int = 42, sft_steps: int = 100, rl_steps: int = 120,
+             evaluate: bool = True) -> dict:
+    """`python demo.py`: on synthetic clips with a tiny Qwen2.5-VL built on the spot, a short SFT cold start
+    (the output formats, and in the ViSS format the transform letter really applied, as SSL-CoT rows carry it;
+    the user answers are random), then the paper's two RL recipes from that checkpoint: Pretext-GRPO (the
+    pretext letter is the whole reward) and ViSS-R1 GRPO (user answer + transform + format). The pretext task is
+    `arrow`, as in the release's final video RL run. --out ends as the ViSS-R1 checkpoint, with the evaluation
+    settings of the held-out clips beside it (eval_settings.json) and the learning curves (demo_curves.svg).
     Frames are 168x168 (72 vision tokens per clip): at 112x112 the colour reached the answer on some seeds only."""
     import shutil
     import time
@@ -211,26 +231,103 @@ def run_demo(root: str = "out", seed: int = 42, sft_steps: int = 100, rl_steps: 
     stages = [("sft", base, sft, root + "/sft", ["--learning_rate", "3e-3", "--max_steps", str(sft_steps)]),
               ("pretext", root + "/sft", rl, root + "/pretext", rlx),
               ("viss", root + "/sft", rl, root, rlx)]
-    curves = {}
+    metrics = {}
     for stage, model, data, out, extra in stages:
         V.print0(f"\n=== {stage}: {model} -> {out} ===")
-        for d in [d for d in os.listdir(out) if re.fullmatch(r"step-\d{6}", d)] if os.path.isdir(out) else []:
-            shutil.rmtree(os.path.join(out, d))  # the demo's own earlier run: start it again
+        for name in [n for n in os.listdir(out) if re.fullmatch(r"step-\d{6}", n)] if os.path.isdir(out) else []:
+            shutil.rmtree(os.path.join(out, name))  # the demo's own earlier run: start it again
         V.train(V.parse_args(["--stage", stage, "--model", model, "--data", data, "--out", out] + common + extra))
-        with open(os.path.join(out, "metrics.jsonl")) as f:
-            curves[stage] = [json.loads(line) for line in f]
-    summary = {"minutes": (time.time() - t0) / 60}
+        metrics[stage] = read_metrics(os.path.join(out, "metrics.jsonl"))
+    summary = {"minutes_training": (time.time() - t0) / 60, "curves": {}}
     V.print0("\nlearning curves (means over 10-step windows):")
-    for stage, key, name in [("pretext", "rewards/accuracy/mean", "Pretext-GRPO pretext accuracy"),
-                             ("viss", "rewards/accuracy/mean", "ViSS-R1 user-question accuracy"),
-                             ("viss", "rewards/transform/mean", "ViSS-R1 transform reward"),
-                             ("viss", "rewards/format/mean", "ViSS-R1 format reward")]:
-        vals = [m[key] for m in curves[stage]]
-        points = [sum(vals[i:i + 10]) / len(vals[i:i + 10]) for i in range(0, len(vals), 10)]
-        V.print0(f"{name:>32}: " + " ".join(f"{p:.2f}" for p in points))
-        summary[name] = (points[0], points[-1])
-    V.print0(f"demo finished in {summary['minutes']:.1f} min; the ViSS-R1 checkpoint is {root}")
+    series = {}
+    for label, stage, key, scale in DEMO_CURVES:
+        values = [m[key] * scale for m in metrics[stage]]
+        points = window_means(values)
+        V.print0(f"{label:>32}: " + " ".join(f"{p:.2f}" for p in points))
+        summary["curves"][label] = points
+        series[label] = [(m["step"], v) for m, v in zip(metrics[stage], trailing_means(values))]
+    with open(os.path.join(root, "demo_curves.svg"), "w") as f:
+        f.write(svg_chart(series, "CPU demo: 10-step trailing means", "RL step", y_range=(0.0, 1.0)))
+    # the held-out clips: eval.py reads these settings from the checkpoint folder, so `eval.py --ckpt out/` works
+    settings = {"bench": ["data/eval_demo.json"], "media_root": "data", "nframes": 4, "video_min_pixels": size * size,
+                "video_max_pixels": size * size, "max_new_tokens": 24, "prompt": "viss", "probe_tasks": "arrow"}
+    with open(os.path.join(root, "eval_settings.json"), "w") as f:
+        json.dump(settings, f, indent=2)
+    if evaluate:
+        import eval as E
+        V.print0("\n=== eval.py on the held-out clips (the settings in eval_settings.json) ===")
+        summary["eval"] = E.main(["--ckpt", root, "--probe", "blind", "--probe", "shuffled", "--probe", "transform"])
+    summary["minutes"] = (time.time() - t0) / 60
+    V.print0(f"demo finished in {summary['minutes']:.1f} min; the ViSS-R1 checkpoint is {root}, its curves "
+             f"{os.path.join(root, 'demo_curves.svg')}")
     return summary
+
+# ---------------------------------------------------------------------------------------------------------
+# Learning curves as SVG: plain text, no plotting dependency; the demo's, or any run's metrics.jsonl
+# ---------------------------------------------------------------------------------------------------------
+
+
+def read_metrics(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def trailing_means(values: list[float], window: int = 10) -> list[float]:
+    """Value i -> the mean of values i-window+1 .. i (fewer at the start)."""
+    return [sum(values[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
+
+
+SVG_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f"]
+
+
+def svg_chart(series: dict[str, list[tuple[float, float]]], title: str, xlabel: str,
+              y_range: tuple[float, float] | None = None, width: int = 760, height: int = 380) -> str:
+    """One line chart: a polyline per series (its <title> is the series' label), axes with ticks, a legend.
+    A point (x, y) is drawn at (L + (x - x0) / (x1 - x0) · W, T + (y1 - y) / (y1 - y0) · H) in the plot area
+    [L, L + W] x [T, T + H] = [60, 620] x [40, 330] at the default size."""
+    L, T, W, H = 60, 40, width - 200, height - 90
+    xs = [x for pts in series.values() for x, _ in pts]
+    ys = [y for pts in series.values() for _, y in pts]
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = y_range or (min(ys), max(ys))
+    sx = lambda x: L + (x - x0) / ((x1 - x0) or 1) * W  # noqa: E731
+    sy = lambda y: T + (y1 - y) / ((y1 - y0) or 1) * H  # noqa: E731
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'font-family="sans-serif" font-size="12">', '<rect width="100%" height="100%" fill="white"/>',
+           f'<text x="{L}" y="{T - 16}" font-size="14">{title}</text>',
+           f'<rect x="{L}" y="{T}" width="{W}" height="{H}" fill="none" stroke="#444"/>']
+    for k in range(6):  # ticks and grid lines
+        yv, xv = y0 + (y1 - y0) * k / 5, x0 + (x1 - x0) * k / 5
+        out.append(f'<line x1="{L}" x2="{L + W}" y1="{sy(yv):.1f}" y2="{sy(yv):.1f}" stroke="#ddd"/>'
+                   f'<text x="{L - 8}" y="{sy(yv) + 4:.1f}" text-anchor="end">{yv:.2f}</text>'
+                   f'<text x="{sx(xv):.1f}" y="{T + H + 18}" text-anchor="middle">{xv:.0f}</text>')
+    out.append(f'<text x="{L + W / 2}" y="{T + H + 38}" text-anchor="middle">{xlabel}</text>')
+    for i, (label, pts) in enumerate(series.items()):
+        color = SVG_COLORS[i % len(SVG_COLORS)]
+        points = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
+        out.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{points}">'
+                   f'<title>{label}</title></polyline>')
+        out.append(f'<line x1="{L + W + 12}" x2="{L + W + 32}" y1="{T + 10 + 20 * i}" y2="{T + 10 + 20 * i}" '
+                   f'stroke="{color}" stroke-width="2"/><text x="{L + W + 38}" y="{T + 14 + 20 * i}">{label}</text>')
+    return "\n".join(out + ["</svg>"]) + "\n"
+
+
+def plot_metrics(paths: list[str], svg: str, keys: list[str] | None = None, window: int = 10) -> str:
+    """Any run's metrics.jsonl -> an SVG of its rewards (trailing means over `window` steps): every
+    rewards/<name>/mean and the total reward, or the loss of an SFT run, or the `keys` asked for."""
+    series = {}
+    for path in paths:
+        rows = read_metrics(path)
+        wanted = keys or [k for k in rows[0] if k.startswith("rewards/") or k == "reward"] or ["loss"]
+        tag = f"{os.path.basename(os.path.dirname(os.path.abspath(path)))}: " if len(paths) > 1 else ""
+        for k in wanted:
+            pts = [(m["step"], m[k]) for m in rows if isinstance(m.get(k), (int, float))]
+            if pts:
+                series[tag + k] = list(zip([x for x, _ in pts], trailing_means([y for _, y in pts], window)))
+    with open(svg, "w") as f:
+        f.write(svg_chart(series, f"{', '.join(paths)}: {window}-step trailing means", "step"))
+    return svg
 
 
 def main(argv=None) -> dict:
@@ -239,9 +336,17 @@ def main(argv=None) -> dict:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="out", help="data, checkpoints and metrics; ends as the ViSS-R1 checkpoint")
     p.add_argument("--seed", type=int, default=42, help="model initialisation, data order and sampling")
+    p.add_argument("--plot", nargs="+", metavar="METRICS", help="only draw the curves of these metrics.jsonl "
+                   "files (any run's) as an SVG, then exit")
+    p.add_argument("--svg", help="with --plot: the SVG to write (default: curves.svg beside the first file)")
+    p.add_argument("--keys", help="with --plot: comma-separated metric keys (default: the rewards, or the loss)")
     args = p.parse_args(argv)
+    if args.plot:
+        svg = plot_metrics(args.plot, args.svg or os.path.join(os.path.dirname(args.plot[0]), "curves.svg"),
+                           args.keys.split(",") if args.keys else None)
+        print(f"wrote {svg}")
+        return {"svg": svg}
     return run_demo(args.out, args.seed)
-
 
 if __name__ == "__main__":
     main()

@@ -19,8 +19,12 @@ same flags, a killed run resumes from the predictions files and never redoes a f
 Probes, each reported next to the normal score (always computed):
   blind      every frame replaced by constant grey of the same shape: what remains is answering without looking
   shuffled   the frames randomly permuted (seeded per item): what remains needs no temporal order
-  transform  the clip transformed by a random pretext task (seeded per item), only the pretext question asked
-             (pretext prompt): pretext accuracy per task, the skill ViSS-R1 trains
+  transform  the clip transformed by a random pretext task of --probe_tasks (seeded per item): with the r1 prompt
+             only the pretext question is asked (pretext prompt), with --prompt viss both questions are and the
+             <transform> letter is scored: pretext accuracy per task, the skill ViSS-R1 trains
+
+A checkpoint folder may carry its own evaluation settings, eval_settings.json (this script's flag names, paths
+relative to the folder), used as defaults: the CPU demo leaves one, so `python eval.py --ckpt out/` evaluates it.
 
 Scoring is the release's evaluation's, because the paper's figures come from it: the answer is the first
 <answer>'s content, or the whole output when that is empty (no tag, or an empty tag); multiple choice by exact
@@ -35,8 +39,9 @@ Deliberate departures from the authors' evaluation:
   2. An item whose video is missing or undecodable is counted as failed, named in the predictions file and left
      out of the scores, never scored as wrong; the authors' MVBench correction for missing videos
      (accuracy × 4000/3800) appears only as the labelled paper-style figure.
-  3. `--prompt viss` shows the untransformed clip with the viss prompt and the rotate question, whose true answer
-     is A (0°, no rotation): only the prompt changes, never the video the user question is about.
+  3. `--prompt viss` shows the untransformed clip with the viss prompt and the question of the first of
+     --probe_tasks whose option A means "untouched" (rotate, arrow or flip; else rotate): only the prompt changes,
+     never the video the user question is about.
 """
 
 from __future__ import annotations
@@ -91,10 +96,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=4, help="items per generate call on each process")
     p.add_argument("--limit", type=int, default=0, help="only the first N rows of each benchmark (0: all)")
     p.add_argument("--probe", action="append", choices=PROBES, default=[], help="repeatable; see the docstring")
+    p.add_argument("--probe_tasks", default="rotate,arrow,shuffle,flip,puzzle",
+                   help="pretext tasks the transform probe draws from (e.g. the ones the checkpoint was trained on)")
     p.add_argument("--seed", type=int, default=0, help="seeds the per-item probe transforms")
+    ckpt = p.parse_known_args(argv)[0].ckpt  # the checkpoint's own settings, then the command line over them
+    p.set_defaults(**checkpoint_settings(ckpt, {a.dest for a in p._actions}))
     args = p.parse_args(argv)
     if args.nframes < 2 or args.batch_size < 1:
         p.error("--nframes must be at least 2 and --batch_size at least 1")
+    if unknown := set(args.probe_tasks.split(",")) - set(V.NUM_OPTIONS):
+        p.error(f"unknown --probe_tasks {sorted(unknown)}; choose from {', '.join(V.NUM_OPTIONS)}")
     for kind in ("video", "image"):
         if (lo := getattr(args, f"{kind}_min_pixels")) > (hi := getattr(args, f"{kind}_max_pixels")):
             p.error(f"--{kind}_min_pixels {lo} is above --{kind}_max_pixels {hi}")
@@ -105,12 +116,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def find_benchmarks(specs: list[str]) -> dict[str, str]:
+def checkpoint_settings(ckpt: str | None, known: set) -> dict:
+    """Defaults a checkpoint carries for its own evaluation: <ckpt>/eval_settings.json, a JSON object of this
+    script's flag names (e.g. {"bench": ["data/eval.json"], "media_root": "data", "nframes": 4}); paths in it are
+    relative to the checkpoint folder. Flags given on the command line win."""
+    path = os.path.join(ckpt, "eval_settings.json") if ckpt and os.path.isdir(ckpt) else None
+    if not path or not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        settings = json.load(f)
+    if not isinstance(settings, dict) or (bad := set(settings) - known):
+        raise SystemExit(f"error: {path}: unknown setting(s) {sorted(bad) if isinstance(settings, dict) else settings}")
+    here = lambda v: v if os.path.isabs(v) else os.path.join(ckpt, v)  # noqa: E731
+    for k in ("bench", "media_root", "prompts", "out"):
+        if k in settings and settings[k]:
+            settings[k] = [here(v) for v in settings[k]] if isinstance(settings[k], list) else here(settings[k])
+    return settings
+
+
+def find_benchmarks(specs: list[str], ckpt: str = "") -> dict[str, str]:
     """--bench values -> {name: file}; a folder gives its eval_*.json(l); eval_mvbench.json is named "mvbench"."""
     files = []
     for s in specs:
         if not os.path.exists(s):
-            raise SystemExit(f"error: --bench {s}: no such file or folder")
+            raise SystemExit(f"error: no benchmark at --bench {s} (looked for {os.path.abspath(s)}): pass --bench with "
+                             f"Video-R1-eval files or a folder of eval_*.json, and --media_root for their videos, or "
+                             f"save both in {os.path.join(ckpt or '<ckpt>', 'eval_settings.json')}")
         files += sorted(glob.glob(os.path.join(s, "eval_*.json*"))) if os.path.isdir(s) else [s]
     names = [re.sub(r"^eval_", "", os.path.splitext(os.path.basename(f))[0]) for f in files]
     if not files or len(set(names)) < len(names):
@@ -132,7 +163,7 @@ def item_ids(rows: list[dict]) -> list[str]:
 
 
 def prompt_kind(probe: str, prompt: str) -> str:
-    return "pretext" if probe == "transform" else prompt
+    return "pretext" if probe == "transform" and prompt != "viss" else prompt
 
 # ---------------------------------------------------------------------------------------------------------
 # Scoring (SPEC §8): pure functions
@@ -191,18 +222,21 @@ def prepare(row: dict, media: V.Media, probe: str, prompt: str, args, spec, toke
     """A row and its loaded clip -> a Sample for generate; the probe acts before resizing, as in training."""
     kind, T = media.kind, media.frames.shape[0]
     mode, solution, ptype = prompt, row["solution"], row["problem_type"]
-    # departure 3: the viss prompt on the untouched clip asks the rotate question, whose answer is A (0°)
-    task, option = ("rotate", 0) if prompt == "viss" else (None, None)
+    tasks = [t for t in V.PRETEXT_TASKS[kind] if t != "shuffle" or T >= 4]  # shuffle needs 4 groups of frames
+    tasks = [t for t in tasks if t in args.probe_tasks.split(",")] or tasks
+    # departure 3: the viss prompt on the untouched clip asks a transform question whose answer A is "untouched"
+    task, option = (next((t for t in tasks if t in ("rotate", "arrow", "flip")), "rotate"), 0) \
+        if prompt == "viss" else (None, None)
     if probe == "blind":  # same shape, so the same grid and number of vision tokens: only the pixels go
         media = replace(media, frames=torch.full_like(media.frames, 128))
     elif probe == "shuffled":
         media = replace(media, frames=media.frames[torch.tensor(rng.sample(range(T), T))])
-    elif probe == "transform":  # the pretext question alone; `shuffle` needs 4 groups of frames
-        tasks = tuple(t for t in V.PRETEXT_TASKS[kind] if t != "shuffle" or T >= 4)
-        task, option = V.sample_pretext(kind, tasks, rng)
+    elif probe == "transform":  # the pretext question alone (r1), or both questions with the viss prompt
+        task, option = V.sample_pretext(kind, tuple(tasks), rng)
         media = V.frames_for_task(media, task)
         media = replace(media, frames=V.apply_pretext(media.frames, task, option))
-        mode, solution, ptype = "pretext", f"<answer>{V.LETTERS[option]}</answer>", "multiple choice"
+        mode = "viss" if prompt == "viss" else "pretext"
+        solution, ptype = f"<answer>{V.LETTERS[option]}</answer>", "multiple choice"
     media = V.fit_media(media, spec, *V.pixel_bounds(args, kind))
     vis = V.vision_inputs(media, spec)
     grid = vis["video_grid_thw" if kind == "video" else "image_grid_thw"][0].tolist()
@@ -245,7 +279,10 @@ def predict(name: str, rows: list[dict], ids: list[str], idx: list[int], probe: 
         new = V.generate_batch(ctx.model, [s for _, s in ready], ctx.eos_ids, ctx.pad_id, ctx.suppress,
                              args.max_new_tokens)
         for (rec, s), text in zip(ready, ctx.tokenizer.batch_decode(new, skip_special_tokens=True)):
-            answer, score = score_item(text, s.solution, s.problem_type)
+            # the transform probe under the viss prompt scores the <transform> letter
+            scored = f"<answer>{V.extract_tag(text, 'transform')}</answer>" if probe == "transform" and \
+                s.mode == "viss" else text
+            answer, score = score_item(scored, s.solution, s.problem_type)
             rec.update(problem_type=s.problem_type, task=s.task, gt=V.extract_tag(s.solution), output=text,
                        answer=answer, score=score)  # type and gt change under the transform probe
     return records
@@ -346,7 +383,7 @@ def format_table(results: dict, probes: list[str]) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     try:  # every row of every file validated before the model loads: a bad row stops the run with its index
-        benches = {name: V.load_rows(path) for name, path in find_benchmarks(args.bench).items()}
+        benches = {name: V.load_rows(path) for name, path in find_benchmarks(args.bench, args.ckpt).items()}
         V.load_prompts(args.prompts)
     except V.DataError as e:
         raise SystemExit(f"error: {e}") from None

@@ -1832,11 +1832,12 @@ def test_batched_greedy_equals_unbatched(evalset, eval_ctx, tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 
 def test_demo_pipeline_end_to_end_with_few_steps(tmp_path):
-    """run_demo at 2 steps a stage: data with the documented cues, three stages, a loadable checkpoint in --out."""
+    """run_demo at 2 steps a stage: data with the documented cues, three stages, a loadable checkpoint in --out,
+    its curves as SVG, the held-out evaluation with the probes, and then `eval.py --ckpt out/` with no other flag."""
     import decord
     out = tmp_path / "demo"
     summary = D.run_demo(str(out), sft_steps=2, rl_steps=2)
-    assert {"Pretext-GRPO pretext accuracy", "ViSS-R1 user-question accuracy", "minutes"} <= set(summary)
+    assert set(summary["curves"]) == {label for label, *_ in D.DEMO_CURVES} and summary["minutes"] > 0
     for stage_dir in (out / "sft", out / "pretext", out):
         assert len(read_metrics(stage_dir)) == 2
     rows = V.load_rows(str(out / "data" / "rl.jsonl"))
@@ -1846,8 +1847,53 @@ def test_demo_pipeline_end_to_end_with_few_steps(tmp_path):
         colour = row["options"][V.LETTERS.index(V.extract_tag(row["solution"]))].split(". ")[1]
         assert np.argmax(D.DEMO_COLORS[colour]) == np.argmax(clip[0].mean((0, 1)))  # [T, H, W, 3]
         assert np.all(np.diff(clip.mean((1, 2, 3))) > 25)
+    sft = V.load_rows(str(out / "data" / "sft.jsonl"))  # the cold start's ViSS rows carry the true arrow letter
+    assert {r["trans_ans"] for r in sft if "trans_opt" in r} == {"A", "B"}
     from transformers import AutoModelForImageTextToText
     AutoModelForImageTextToText.from_pretrained(out)
+    assert (out / "demo_curves.svg").read_text().count("<polyline") == 4
+    res = summary["eval"]["demo"]  # the held-out clips, with the three probes, the transform probe on `arrow`
+    assert set(res) == {"none", "blind", "shuffled", "transform"} and res["none"]["scored"] == 32
+    assert set(res["transform"]["per_task"]) == {"arrow"}
+    r = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), "--ckpt", str(out), "--out", str(tmp_path / "e")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.load(open(tmp_path / "e" / "results.json"))["benchmarks"]["demo"]["none"]["scored"] == 32
+    # with no benchmark to be found, the message says where eval.py looked and what to pass
+    r = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), "--ckpt", str(out / "sft")], capture_output=True,
+                       text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode != 0 and "no benchmark at --bench eval" in r.stderr and "eval_settings.json" in r.stderr
+
+
+def test_svg_curves_put_each_point_where_it_belongs(tmp_path):
+    """plot_metrics on a known metrics file: trailing means, mapped linearly into the plot area."""
+    import xml.etree.ElementTree as ET
+    rows = [{"step": s, "reward": float(s % 2), "rewards/accuracy/mean": s / 4, "loss": 1.0} for s in range(1, 5)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    svg = D.plot_metrics([str(tmp_path / "metrics.jsonl")], str(tmp_path / "c.svg"), window=2)
+    lines = {p.find("{http://www.w3.org/2000/svg}title").text: p.get("points")
+             for p in ET.parse(svg).getroot().iter("{http://www.w3.org/2000/svg}polyline")}
+    assert set(lines) == {"reward", "rewards/accuracy/mean"}  # the rewards, not the loss
+    # reward 1, 0, 1, 0 -> 2-step trailing means 1, .5, .5, .5; accuracy .25 .5 .75 1 -> .25 .375 .625 .875
+    # y range = [0.25, 1]: x = 60 + (step - 1) / 3 * 560, y = 40 + (1 - v) / 0.75 * 290
+    def expect(vals):
+        return " ".join(f"{60 + (s - 1) / 3 * 560:.1f},{40 + (1 - v) / 0.75 * 290:.1f}" for s, v in zip(range(1, 5), vals))
+    assert lines["reward"] == expect([1, 0.5, 0.5, 0.5])
+    assert lines["rewards/accuracy/mean"] == expect([0.25, 0.375, 0.625, 0.875])
+    assert D.main(["--plot", str(tmp_path / "metrics.jsonl"), "--keys", "loss"])["svg"].endswith("curves.svg")
+
+
+def test_report_to_tensorboard_writes_the_logged_scalars(demo, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "o"
+    V.train(V.parse_args(["--stage", "viss", "--model", demo["base"], "--data", demo["rl"], "--media_root",
+                          demo["media"], "--out", str(out), "--max_steps", "2", "--report_to", "tensorboard", *SMALL]))
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    for m in read_metrics(out):
+        for key in ("reward", "loss", "rewards/transform/mean", "lr"):
+            (event,) = [e for e in acc.Scalars(key) if e.step == m["step"]]
+            assert event.value == pytest.approx(m[key], rel=1e-6, abs=1e-9), key
 
 
 def test_bench_tiny_preset_end_to_end(tmp_path):

@@ -139,6 +139,8 @@ class Args:
     bf16: bool = arg(False, "bf16 compute; weights and AdamW state stay float32")
     max_bad_media: float = arg(0.2, "stop if more than this fraction of rows have unreadable media")
     max_nonfinite: int = arg(10, "stop after this many skipped non-finite updates")
+    report_to: str = arg("none", "also send every metrics row to TensorBoard (<out>/tensorboard) or Weights & "
+                         "Biases; the package is imported only then", ("none", "tensorboard", "wandb"))
 
 
 def parse_args(argv=None) -> Args:
@@ -1607,6 +1609,7 @@ def train(args: Args) -> dict:
             kept = [line for line in open(path)] if resume and os.path.exists(path) else []
             with open(path, "w") as f:
                 f.writelines(line for line in kept if json.loads(line)["step"] <= meta["step"])
+    report = reporter(args) if rank == 0 else None
     bar = tqdm(total=args.max_steps, initial=meta["step"], desc=args.stage, dynamic_ncols=True, disable=rank != 0)
     m, t_start, step0 = {}, time.time(), meta["step"]
     for step in range(meta["step"] + 1, args.max_steps + 1):
@@ -1676,6 +1679,7 @@ def train(args: Args) -> dict:
         if rank == 0:
             m = log_step(args, step, everyone, grad_norm, scheduler.get_last_lr()[0], t_rollout, t_step, sft,
                          R_all if not sft else None)
+            report(m)
             eta = (time.time() - t_start) / (step - step0) * (args.max_steps - step)
             bar.write(status_line(m, args.max_steps, sft) + f" | eta {eta / 60:.1f}m")
             bar.update(1)
@@ -1727,6 +1731,27 @@ def log_step(args, step, everyone, grad_norm, lr, t_rollout, t_step, sft, R) -> 
               f"{extract_tag(solution)!r}\n  completion: {t[:300]!r}\n  parsed: answer {extract_tag(t)!r} transform "
               f"{extract_tag(t, 'transform')!r} reward {R[0].item():.2f}", flush=True)
     return m
+
+
+def reporter(args: Args):
+    """--report_to: a function that sends one metrics row where people already look at runs. TensorBoard and
+    wandb are imported only when asked for: neither is a requirement."""
+    if args.report_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+        writer = SummaryWriter(os.path.join(args.out, "tensorboard"))
+
+        def send(m):
+            for k, v in m.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    writer.add_scalar(k, v, m["step"])
+            writer.flush()
+        return send
+    if args.report_to == "wandb":
+        import wandb
+        run = wandb.init(project="viss-r1", name=os.path.basename(os.path.abspath(args.out)), dir=args.out,
+                         config=vars(args), resume="allow")
+        return lambda m: run.log(m, step=m["step"])
+    return lambda m: None
 
 
 def status_line(m: dict, max_steps: int, sft: bool) -> str:
