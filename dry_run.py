@@ -59,6 +59,7 @@ GiB = 1024 ** 3
 CATEGORIES = ("parameters", "gradients", "optimizer", "activations", "gathered", "kv_cache")
 HEADERS = ("parameters", "gradients", "optimizer", "activations", "gathered", "KV cache")
 BLOCK = 512  # the CUDA caching allocator rounds every allocation up to 512 bytes
+PLAIN = {torch.Tensor, torch.nn.Parameter}  # one storage each (a FakeTensor too, added when fake tensors load)
 CONSTANT_BYTES = 8 << 20  # factories up to this size make constants (real values); FSDP2's buffers stay fake
 
 # ---------------------------------------------------------------------------------------------------------
@@ -128,7 +129,7 @@ class Plan:
     def track(self, t, category: str | None = None) -> None:
         """Count the storages of tensor `t` (DTensors: their local shards) not yet seen, as `category`."""
         from torch.distributed._tools.common_utils import get_untyped_storages
-        for st in get_untyped_storages(t):
+        for st in (t.untyped_storage(),) if type(t) in PLAIN else get_untyped_storages(t):
             if st in self.storages:
                 continue
             rec = [math.ceil(st.nbytes() / BLOCK) * BLOCK, category or self.category]
@@ -235,9 +236,12 @@ class Plan:
                         out = func(*args, **kwargs)
                     return plan.constant(out)
                 out = func(*args, **kwargs)
-                for t in tree_leaves(out):
-                    if isinstance(t, torch.Tensor):
-                        plan.track(t)
+                if isinstance(out, torch.Tensor):  # the common case, without a pytree walk
+                    plan.track(out)
+                else:
+                    for t in tree_leaves(out):
+                        if isinstance(t, torch.Tensor):
+                            plan.track(t)
                 return out
 
         def small(func, args, kwargs) -> bool:
@@ -443,10 +447,11 @@ def run_plan(args: V.Args, world: int = 8, fake: bool = True, video_size: str | 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     spec = V.vision_spec(config, args.model)
     if fake:
-        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
         from torch.fx.experimental.symbolic_shapes import ShapeEnv
         from torch.testing._internal.distributed.fake_pg import FakeStore
         rank, device = 0, torch.device("cpu")
+        PLAIN.add(FakeTensor)
         if world > 1:  # every rank holds the same shapes: rank 0 (the largest shards) stands for all
             torch.distributed.init_process_group("fake", rank=0, world_size=world, store=FakeStore())
         # .item() of a fake value (grpo_loss's logging) gives a symbol; nothing branches on it
@@ -574,42 +579,43 @@ def verdict(res: dict, gpu_memory: float, reserve: float) -> dict:
     return {"peak_phase": phase, "peak": peak, "fits": not over, "overflowing": over, "usable": usable}
 
 
-def format_plan(res: dict, args: V.Args, gpu_memory: float, reserve: float) -> str:
-    """The printed plan: what was planned, the table by phase and category, the verdict, how it was measured."""
-    v = verdict(res, gpu_memory, reserve)
+def format_plan(res: dict, args: V.Args, cards: list[float], reserve: float, brief: bool = False) -> str:
+    """The printed plan: what was planned, the table by phase and category with a column per card size, one
+    verdict line per card, and (unless brief) how it was measured."""
     b = lambda n: f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"  # noqa: E731
     arch = ARCH_NAMES.get(res["model_type"], res["model_type"])
     shard = f"FSDP2 over {res['world']} ranks" if res["world"] > 1 else "one process (no sharding)"
-    flags = ", ".join(f for f, on in (("bf16", args.bf16), ("gradient checkpointing", args.gradient_checkpointing)) if on)
-    h, w = res["frame"]
-    text = res["prompt_tokens"] - res["video_tokens"]
-    ref = "no reference model" if args.beta == 0 else "reference model loaded"
+    flags = ", ".join(f for f, on in (("bf16", args.bf16), ("gradient checkpointing", args.gradient_checkpointing))
+                      if on) or "float32"
+    (h, w), n = res["frame"], args.per_device_prompts
     rows = f"1 target of {args.max_completion_length} tokens" if args.stage == "sft" else \
         f"G {args.num_generations} x {args.max_completion_length} completion tokens"
     lines = [f"dry run of one {args.stage} step: {arch}, {b(res['parameters'])} parameters (language model "
-             f"{b(res['parameters'] - res['vision_parameters'])}, vision {b(res['vision_parameters'])}), "
-             f"{shard}, {flags or 'float32'}",
-             f"per GPU: {args.per_device_prompts} prompt{'s' * (args.per_device_prompts > 1)} of {res['prompt_tokens']:,} tokens ({res['video_tokens']:,} "
-             f"video: {res['frames']} frames of {h}x{w} px; {text:,} text), {rows}, beta {args.beta:g} ({ref})",
-             f"peak memory per GPU by phase, GiB (tensor bytes, what torch.cuda.max_memory_allocated counts):", ""]
-    card = f"{gpu_memory:g} GiB card"
-    lines.append(f"{'phase':<20}" + "".join(f"{hd:>12}" for hd in HEADERS) + f"{'total':>9}  {card}")
+             f"{b(res['parameters'] - res['vision_parameters'])}, vision {b(res['vision_parameters'])}), {shard}, "
+             f"{flags}",
+             f"per GPU: {n} prompt{'s' * (n > 1)} of {res['prompt_tokens']:,} tokens ({res['video_tokens']:,} video: "
+             f"{res['frames']} frames of {h}x{w} px; {res['prompt_tokens'] - res['video_tokens']:,} text), {rows}, "
+             f"beta {args.beta:g} ({'no reference model' if args.beta == 0 else 'a reference model'})",
+             "peak memory per GPU by phase, GiB (tensor bytes, what torch.cuda.max_memory_allocated counts):", "",
+             f"{'phase':<18}" + "".join(f"{hd:>12}" for hd in HEADERS) + f"{'total':>8}" +
+             "".join(f"  {f'{c:g} GiB card':>13}" for c in cards)]
+    verdicts = [verdict(res, c, reserve) for c in cards]
     for p in res["order"]:
         r = res["phases"][p]
-        fits = "fits" if r["total"] <= v["usable"] else "DOES NOT FIT"
-        lines.append(f"{p:<20}" + "".join(f"{r[c] / GiB:>12.2f}" for c in CATEGORIES) + f"{r['total'] / GiB:>9.2f}  {fits}")
+        lines.append(f"{p:<18}" + "".join(f"{r[c] / GiB:>12.2f}" for c in CATEGORIES) + f"{r['total'] / GiB:>8.2f}" +
+                     "".join(f"  {'fits' if r['total'] <= v['usable'] else 'DOES NOT FIT':>13}" for v in verdicts))
     lines.append("")
-    spare = (v["usable"] - v["peak"]) / GiB
-    keep = f"{reserve:g} GiB kept for the CUDA context and NCCL buffers"
-    if v["fits"]:
-        lines.append(f"peak {v['peak'] / GiB:.2f} GiB in {v['peak_phase']}: fits a {card} ({spare:.2f} GiB to spare, "
-                     f"{keep})")
-    else:
-        lines.append(f"peak {v['peak'] / GiB:.2f} GiB in {v['peak_phase']}: does NOT fit a {card} ({-spare:.2f} GiB "
-                     f"over, {keep}); overflowing: {', '.join(v['overflowing'])}")
+    for c, v in zip(cards, verdicts):
+        spare = (v["usable"] - v["peak"]) / GiB
+        head = f"{c:g} GiB card: peak {v['peak'] / GiB:.2f} GiB in {v['peak_phase']}, "
+        lines.append(head + (f"fits with {spare:.2f} GiB to spare" if v["fits"] else
+                             f"does NOT fit, {-spare:.2f} GiB over; overflowing: {', '.join(v['overflowing'])}") +
+                     f" ({reserve:g} GiB kept for the CUDA context and NCCL buffers)")
+    if brief:
+        return "\n".join(lines)
     C = args.max_completion_length
-    how = "fake tensors, " + (f"FSDP2 over a fake process group of {res['world']} ranks (rank 0: the largest "
-                              f"shards)" if res["world"] > 1 else "one process") if res["fake"] else \
+    how = ("fake tensors, " + (f"FSDP2 over a fake process group of {res['world']} ranks (rank 0: the largest "
+                               f"shards)" if res["world"] > 1 else "one process")) if res["fake"] else \
         f"real tensors, {res['world']} process(es)"
     lines += [f"how: {how}; one steady-state step of train(): the previous step's gradients and the AdamW "
               f"state are alive from the start (train() frees gradients only at the next zero_grad)",
@@ -631,7 +637,7 @@ def parse(argv=None) -> tuple[argparse.Namespace, V.Args]:
                                 "docstring). Every viss_r1.py training flag is accepted: python viss_r1.py --help",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--world_size", type=int, default=8, help="ranks to plan for (FSDP2 over a fake process group)")
-    p.add_argument("--gpu_memory", type=float, default=80.0, help="GiB per GPU to check the plan against")
+    p.add_argument("--gpu_memory", default="80", help="GiB per GPU to check the plan against; several: 80,40")
     p.add_argument("--reserve", type=float, default=2.0, help="GiB kept free for the CUDA context and NCCL buffers")
     p.add_argument("--video_size", default=None, help="source clip HxW, resized as the run resizes it (default: "
                    "the largest frame the pixel bounds allow)")
@@ -639,6 +645,7 @@ def parse(argv=None) -> tuple[argparse.Namespace, V.Args]:
                    "decodes only the last, largest step)")
     p.add_argument("--tensors", choices=("fake", "real"), default="fake", help="real: the same accounting on real "
                    "tensors, small models only; under torchrun with real collectives (checks the simulation)")
+    p.add_argument("--brief", action="store_true", help="the table and verdicts only, not how they were measured")
     p.add_argument("--json", default=None, help="also write the plan to this file")
     own, rest = p.parse_known_args(argv)
     return own, V.parse_args(rest)
@@ -654,10 +661,11 @@ def main(argv=None) -> dict:
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing_enable.*")  # transformers' rename notice
     res = run_plan(args, own.world_size, own.tensors == "fake", own.video_size, own.full_decode)
     if res["rank"] == 0:
-        print(format_plan(res, args, own.gpu_memory, own.reserve), flush=True)
+        cards = [float(c) for c in own.gpu_memory.split(",")]
+        print(format_plan(res, args, cards, own.reserve, own.brief), flush=True)
         if own.json:
             with open(own.json, "w") as f:
-                json.dump(dict(res, verdict=verdict(res, own.gpu_memory, own.reserve)), f, indent=1)
+                json.dump(dict(res, verdicts={f"{c:g}": verdict(res, c, own.reserve) for c in cards}), f, indent=1)
     if not own.tensors == "fake" and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return res
