@@ -2,7 +2,8 @@
 dry_run.py: will this training run fit? A per-GPU memory plan of one ViSS-R1 step, measured before any GPU is
 touched, by running viss_r1.py's own code on fake tensors (shapes and sizes, no data).
 
-    python dry_run.py --stage viss --model CFG_DIR --world_size 8 --bf16 --gradient_checkpointing [--gpu_memory 80]
+    python dry_run.py --stage viss --model CFG_DIR --world_size 8 --bf16 --gradient_checkpointing --gpu_memory 80,40
+    python -c "import demo; demo.write_qwen25_vl_config('cfg/qwen2.5-vl-7b', '7b')"    # a config-only CFG_DIR
 
 Every viss_r1.py training flag is accepted (stage presets included) and means what it means there; --model may
 be a config-only directory (config.json, tokenizer, preprocessor_config.json: no weights are read). The real
@@ -13,6 +14,8 @@ reference (beta > 0) and the policy, grpo_loss, backward with the run's checkpoi
 AdamW step. A dispatch mode sees every tensor created and freed and keeps, for each phase, its peak split into
 parameters / gradients / optimizer state / activations / gathered weights (FSDP2 all-gathers) / KV cache.
 The step is the steady state: the previous step's gradients and the AdamW state are alive from the start.
+Each prompt is one Video-R1 row whose clip has the largest frame the run's pixel bounds allow (--video_size HxW
+plans a given source size instead), sampled and prompted by viss_r1.make_sample.
 
 What fake tensors cannot run, and what is done instead (printed with the plan):
   - data the code branches on (token ids, grids, positions, cu_seqlens, window indices) is kept real: tensors
@@ -59,7 +62,6 @@ GiB = 1024 ** 3
 CATEGORIES = ("parameters", "gradients", "optimizer", "activations", "gathered", "kv_cache")
 HEADERS = ("parameters", "gradients", "optimizer", "activations", "gathered", "KV cache")
 BLOCK = 512  # the CUDA caching allocator rounds every allocation up to 512 bytes
-PLAIN = {torch.Tensor, torch.nn.Parameter}  # one storage each (a FakeTensor too, added when fake tensors load)
 CONSTANT_BYTES = 8 << 20  # factories up to this size make constants (real values); FSDP2's buffers stay fake
 
 # ---------------------------------------------------------------------------------------------------------
@@ -79,23 +81,24 @@ def check_internals() -> None:
              ("torch.distributed.fsdp._fully_shard._fsdp_param_group", ("FSDPParamGroup",)),
              ("torch.distributed.tensor._sharding_prop", ("ShardingPropagator",)),
              ("transformers.cache_utils", ("DynamicLayer",))]
+    import transformers
+    pins = (f"requirements.txt pins torch==2.13.0 and transformers==5.23.0; this is torch {torch.__version__}, "
+            f"transformers {transformers.__version__}")
     for module, names in needs:
         try:
             mod = importlib.import_module(module)
         except ImportError as e:
-            raise RuntimeError(f"dry_run.py needs {module} (torch {torch.__version__}; requirements.txt pins "
-                               f"torch==2.13.0): {e}") from None
+            raise RuntimeError(f"dry_run.py needs {module} ({pins}): {e}") from None
         for name in names:
             if not hasattr(mod, name):
-                raise RuntimeError(f"dry_run.py needs {module}.{name}, absent in torch {torch.__version__} "
-                                   f"(requirements.txt pins torch==2.13.0)")
+                raise RuntimeError(f"dry_run.py needs {module}.{name}, which is gone ({pins})")
     from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
     from torch.distributed.tensor._sharding_prop import ShardingPropagator
     for cls, method in [(FSDPParamGroup, m) for m in ("unshard", "wait_for_unshard", "post_backward")] + \
                        [(ShardingPropagator, "_propagate_tensor_meta_non_cached")]:
         if not callable(getattr(cls, method, None)):
-            raise RuntimeError(f"{cls.__name__}.{method} moved (torch {torch.__version__}; requirements.txt pins "
-                               f"torch==2.13.0): dry_run.py hooks it to label or skip allocations")
+            raise RuntimeError(f"{cls.__name__}.{method} moved ({pins}): dry_run.py hooks it to label or skip "
+                               f"allocations")
     if "fake" not in torch.distributed.Backend.backend_list:
         raise RuntimeError("torch.distributed has no 'fake' backend to register the fake process group with")
 
@@ -109,8 +112,10 @@ class Plan:
     feeds it; on fake tensors (fake_mode given) the same mode also keeps small factories as real constants."""
 
     def __init__(self, fake_mode=None):
+        from torch._subclasses.fake_tensor import FakeTensor
         from torch.utils.weak import WeakIdKeyDictionary
         self.fake_mode = fake_mode
+        self.plain = {torch.Tensor, torch.nn.Parameter, FakeTensor}  # one storage each, no subclass walk
         self.storages = WeakIdKeyDictionary()  # storage -> (weakref with a free callback, [bytes, category])
         self.live = dict.fromkeys(CATEGORIES, 0)
         self.total = 0
@@ -129,7 +134,7 @@ class Plan:
     def track(self, t, category: str | None = None) -> None:
         """Count the storages of tensor `t` (DTensors: their local shards) not yet seen, as `category`."""
         from torch.distributed._tools.common_utils import get_untyped_storages
-        for st in (t.untyped_storage(),) if type(t) in PLAIN else get_untyped_storages(t):
+        for st in (t.untyped_storage(),) if type(t) in self.plain else get_untyped_storages(t):
             if st in self.storages:
                 continue
             rec = [math.ceil(st.nbytes() / BLOCK) * BLOCK, category or self.category]
@@ -447,11 +452,10 @@ def run_plan(args: V.Args, world: int = 8, fake: bool = True, video_size: str | 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     spec = V.vision_spec(config, args.model)
     if fake:
-        from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+        from torch._subclasses.fake_tensor import FakeTensorMode
         from torch.fx.experimental.symbolic_shapes import ShapeEnv
         from torch.testing._internal.distributed.fake_pg import FakeStore
         rank, device = 0, torch.device("cpu")
-        PLAIN.add(FakeTensor)
         if world > 1:  # every rank holds the same shapes: rank 0 (the largest shards) stands for all
             torch.distributed.init_process_group("fake", rank=0, world_size=world, store=FakeStore())
         # .item() of a fake value (grpo_loss's logging) gives a symbol; nothing branches on it
@@ -588,6 +592,8 @@ def format_plan(res: dict, args: V.Args, cards: list[float], reserve: float, bri
     flags = ", ".join(f for f, on in (("bf16", args.bf16), ("gradient checkpointing", args.gradient_checkpointing))
                       if on) or "float32"
     (h, w), n = res["frame"], args.per_device_prompts
+    top = max((r["total"] for r in res["phases"].values()), default=0)
+    unit, div = ("GiB", GiB) if top >= GiB else ("MiB", 1 << 20)  # tiny models in MiB
     rows = f"1 target of {args.max_completion_length} tokens" if args.stage == "sft" else \
         f"G {args.num_generations} x {args.max_completion_length} completion tokens"
     lines = [f"dry run of one {args.stage} step: {arch}, {b(res['parameters'])} parameters (language model "
@@ -596,18 +602,18 @@ def format_plan(res: dict, args: V.Args, cards: list[float], reserve: float, bri
              f"per GPU: {n} prompt{'s' * (n > 1)} of {res['prompt_tokens']:,} tokens ({res['video_tokens']:,} video: "
              f"{res['frames']} frames of {h}x{w} px; {res['prompt_tokens'] - res['video_tokens']:,} text), {rows}, "
              f"beta {args.beta:g} ({'no reference model' if args.beta == 0 else 'a reference model'})",
-             "peak memory per GPU by phase, GiB (tensor bytes, what torch.cuda.max_memory_allocated counts):", "",
+             f"peak memory per GPU by phase, {unit} (tensor bytes, what torch.cuda.max_memory_allocated counts):", "",
              f"{'phase':<18}" + "".join(f"{hd:>12}" for hd in HEADERS) + f"{'total':>8}" +
              "".join(f"  {f'{c:g} GiB card':>13}" for c in cards)]
     verdicts = [verdict(res, c, reserve) for c in cards]
     for p in res["order"]:
         r = res["phases"][p]
-        lines.append(f"{p:<18}" + "".join(f"{r[c] / GiB:>12.2f}" for c in CATEGORIES) + f"{r['total'] / GiB:>8.2f}" +
+        lines.append(f"{p:<18}" + "".join(f"{r[c] / div:>12.2f}" for c in CATEGORIES) + f"{r['total'] / div:>8.2f}" +
                      "".join(f"  {'fits' if r['total'] <= v['usable'] else 'DOES NOT FIT':>13}" for v in verdicts))
     lines.append("")
     for c, v in zip(cards, verdicts):
         spare = (v["usable"] - v["peak"]) / GiB
-        head = f"{c:g} GiB card: peak {v['peak'] / GiB:.2f} GiB in {v['peak_phase']}, "
+        head = f"{c:g} GiB card: peak {v['peak'] / div:.2f} {unit} in {v['peak_phase']}, "
         lines.append(head + (f"fits with {spare:.2f} GiB to spare" if v["fits"] else
                              f"does NOT fit, {-spare:.2f} GiB over; overflowing: {', '.join(v['overflowing'])}") +
                      f" ({reserve:g} GiB kept for the CUDA context and NCCL buffers)")
