@@ -28,6 +28,8 @@ What fake tensors cannot run, and what is done instead (printed with the plan):
     and sample_group then decodes the last token: that step holds the largest cache, and nothing else grows
     (--full_decode decodes every token instead; tested equal on a tiny model).
   - AdamW runs its foreach implementation, the one torch picks for CUDA tensors (CPU tensors get a loop).
+Python's garbage collector runs at every phase boundary (buffers that only it frees, such as a finished
+reduce-scatter's input, would otherwise linger for a nondeterministic time, as they can in a real run).
 Not counted: the CUDA context and NCCL buffers (--reserve keeps room for them), allocator fragmentation, and
 CPU memory (data loading). `--tensors real` runs the same accounting on real tensors (small models only; under
 torchrun with real collectives): the check of the simulation, used by the tests.
@@ -41,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import gc
 import math
 import os
 import random
@@ -167,6 +170,8 @@ class Plan:
 
     def enter(self, phase: str | None) -> None:
         """Start (or resume) a phase: its peak starts at what is alive now."""
+        if phase != self.phase:
+            gc.collect()  # what only the garbage collector frees, freed at phase boundaries
         self.phase = phase
         if phase is not None and phase not in self.peaks:
             self.order.append(phase)
@@ -624,7 +629,8 @@ def format_plan(res: dict, args: V.Args, cards: list[float], reserve: float, bri
                                f"shards)" if res["world"] > 1 else "one process")) if res["fake"] else \
         f"real tensors, {res['world']} process(es)"
     lines += [f"how: {how}; one steady-state step of train(): the previous step's gradients and the AdamW "
-              f"state are alive from the start (train() frees gradients only at the next zero_grad)",
+              f"state are alive from the start (train() frees gradients only at the next zero_grad); Python's "
+              f"garbage collector runs between phases",
               "  real values on fake tensors: token ids, grids, cu_seqlens, window indices, and the M-RoPE "
               "positions (get_rope_index run outside the fake mode): they depend on shapes, not weights",
               f"  decoding: a fixed token that is never EOS after each draw, so every row decodes {C} tokens; " +
