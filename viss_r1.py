@@ -1472,19 +1472,26 @@ def load_optimizer(path: str, policy, optimizer) -> None:
 # Training loop: sample prompts -> transform -> rollout -> reward -> advantages -> log-probs -> step -> log
 # ---------------------------------------------------------------------------------------------------------
 
-def load_model(path: str, args: Args, device, world: int, trainable: bool = True):
-    """A Policy on `device` (sharded with FSDP2 under torchrun), plus tokenizer, processor and VisionSpec."""
-    from transformers import AutoModelForImageTextToText, AutoTokenizer
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+def make_policy(model, args: Args, device, world: int, trainable: bool = True) -> Policy:
+    """Checkpointing (trainable models), the Policy wrapper, FSDP2 shards under torchrun (else the device), frozen
+    for a reference. dry_run.py builds the same policy from a config on fake tensors."""
     if args.gradient_checkpointing and trainable:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = Policy(model)
     if world > 1:
         shard(policy, args.bf16, device)  # FSDP2 places each shard on `device`
-    else:
+    elif device.type != "cpu":  # weights are built on the CPU
         policy.to(device)
     if not trainable:
         policy.eval().requires_grad_(False)
+    return policy
+
+
+def load_model(path: str, args: Args, device, world: int, trainable: bool = True):
+    """A Policy on `device` (sharded with FSDP2 under torchrun), plus tokenizer, processor and VisionSpec."""
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+    policy = make_policy(model, args, device, world, trainable)
     tokenizer = AutoTokenizer.from_pretrained(path)
     processor = None
     try:  # the processor classes need torchvision; without it save_hf writes the preprocessor fields itself
