@@ -264,6 +264,27 @@ def write_y4m(path: str, frames: np.ndarray, fps: int = 8) -> None:
 DEMO_COLORS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (40, 70, 230), "yellow": (230, 210, 40)}
 
 
+def demo_clip(color: str, size: int, frames: int, rng) -> np.ndarray:
+    """One synthetic clip, uint8 [frames, 3, size, size]: see write_demo_data for its cues."""
+    texture = 2.0 * (np.arange(size) % 14)  # [size] darker towards the bottom of every patch: rotate
+    light = 130.0 * np.arange(frames) / max(1, frames - 1)  # [frames] brighter and brighter: arrow
+    tint = 0.6 * np.array(DEMO_COLORS[color], np.float64)  # [3]
+    clip = tint[None, :, None, None] + light[:, None, None, None] - texture[None, None, :, None]
+    clip = np.broadcast_to(clip.clip(0, 255), (frames, 3, size, size)).astype(np.uint8)  # [frames, 3, H, W]
+    s, y0, x0 = size // 4, rng.integers(0, size // 2), rng.integers(0, size // 2)
+    for t in range(frames):  # the distractor drifts one pixel every other frame
+        clip[t, :, y0 + t // 2:y0 + t // 2 + s, x0:x0 + s] = 128
+    return clip
+
+
+def colour_row(i: int, color: str, path: str, question: str = "What colour is the scene in the video?") -> dict:
+    """A Video-R1 multiple-choice row asking for the scene's colour (options in DEMO_COLORS' order)."""
+    names = list(DEMO_COLORS)
+    return {"problem_id": i, "problem": question + "\n", "data_type": "video", "problem_type": "multiple choice",
+            "options": [f"{V.LETTERS[k]}. {c}" for k, c in enumerate(names)],
+            "solution": f"<answer>{V.LETTERS[names.index(color)]}</answer>", "path": path, "data_source": "demo"}
+
+
 def write_demo_data(root: str, n: int = 64, size: int = 56, frames: int = 4, seed: int = 0,
                     n_eval: int = 32) -> tuple[str, str]:
     """Synthetic clips a tiny model can learn from: cues every vision token carries, the way it carries colour.
@@ -281,19 +302,8 @@ def write_demo_data(root: str, n: int = 64, size: int = 56, frames: int = 4, see
     rl, sft, held_out = [], [], []
     for i in range(n + n_eval):
         color = names[i % len(names)]
-        texture = 2.0 * (np.arange(size) % 14)  # [size] darker towards the bottom of every patch: rotate
-        light = 130.0 * np.arange(frames) / max(1, frames - 1)  # [frames] brighter and brighter: arrow
-        tint = 0.6 * np.array(DEMO_COLORS[color], np.float64)  # [3]
-        clip = tint[None, :, None, None] + light[:, None, None, None] - texture[None, None, :, None]
-        clip = np.broadcast_to(clip.clip(0, 255), (frames, 3, size, size)).astype(np.uint8)  # [frames, 3, H, W]
-        s, y0, x0 = size // 4, rng.integers(0, size // 2), rng.integers(0, size // 2)
-        for t in range(frames):  # the distractor drifts one pixel every other frame
-            clip[t, :, y0 + t // 2:y0 + t // 2 + s, x0:x0 + s] = 128
-        write_y4m(os.path.join(root, "videos", f"clip_{i:03d}.y4m"), clip)
-        row = {"problem_id": i, "problem": "What colour is the scene in the video?\n", "data_type": "video",
-               "problem_type": "multiple choice", "options": [f"{V.LETTERS[k]}. {c}" for k, c in enumerate(names)],
-               "solution": f"<answer>{V.LETTERS[names.index(color)]}</answer>", "path": f"./videos/clip_{i:03d}.y4m",
-               "data_source": "demo"}
+        write_y4m(os.path.join(root, "videos", f"clip_{i:03d}.y4m"), demo_clip(color, size, frames, rng))
+        row = colour_row(i, color, f"./videos/clip_{i:03d}.y4m")
         if i >= n:  # held out for evaluation
             held_out.append(dict(row, original_question_type="colour"))
             continue
@@ -453,23 +463,169 @@ def plot_metrics(paths: list[str], svg: str, keys: list[str] | None = None, wind
     return svg
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The shortcut experiment: does ViSS-R1 stop a model answering from the text? (the paper's thesis, in miniature)
+# ---------------------------------------------------------------------------------------------------------
+
+# The text cue: four wordings of the same question, wording k going with colour k (DEMO_COLORS' order) in 90 %
+# of the training rows. The pixels always determine the answer.
+CUE_QUESTIONS = ["What colour is the scene in the video?", "Which colour tints this clip?",
+                 "Name the colour that fills the video.", "Which hue does the scene show?"]
+SHORTCUT_METHODS = ["GRPO", "Pretext-GRPO then GRPO", "ViSS-R1", "GRPO on grey frames (text only)"]
+
+
+def write_shortcut_data(root: str, seed: int = 0, n_train: int = 64, n_test: int = 32, size: int = 168,
+                        frames: int = 4, cue_rate: float = 0.9) -> dict:
+    """Training rows whose wording predicts the colour `cue_rate` of the time; test splits where it always does
+    (cue-consistent) and where it always names a wrong colour (cue-broken); the training clips again in grey
+    (the text-only control); the cold-start SFT rows (formats and true transform letters, random answers)."""
+    rng, names = np.random.default_rng(seed), list(DEMO_COLORS)
+    os.makedirs(os.path.join(root, "videos"), exist_ok=True)
+    splits = {"train": [], "train_grey": [], "consistent": [], "broken": [], "sft": []}
+    for split, n in (("train", n_train), ("consistent", n_test), ("broken", n_test)):
+        for i in range(n):
+            c = i % len(names)
+            wrong = (c + 1 + int(rng.integers(len(names) - 1))) % len(names)  # any other colour
+            k = {"consistent": c, "broken": wrong}.get(split, c if rng.random() < cue_rate else wrong)
+            clip = demo_clip(names[c], size, frames, rng)
+            path = f"./videos/{split}_{i:03d}.y4m"
+            write_y4m(os.path.join(root, path), clip)
+            row = dict(colour_row(i, names[c], path, CUE_QUESTIONS[k]), original_question_type=split)
+            splits[split].append(row)
+            if split == "train":
+                write_y4m(os.path.join(root, f"videos/grey_{i:03d}.y4m"), np.full_like(clip, 128))
+                splits["train_grey"].append(dict(row, path=f"./videos/grey_{i:03d}.y4m"))
+                guess = f"<answer>{V.LETTERS[rng.integers(4)]}</answer>"  # the cold start teaches no answer
+                splits["sft"].append(dict(row, process="<think>I look.</think>", solution=guess))
+                splits["sft"].append(dict(row, process="<think>I look.</think>", solution=guess, trans_opt="arrow",
+                                          trans_ans="B" if rng.random() < V.ARROW_REVERSE_P else "A"))
+    files = {}
+    for split, rows in splits.items():
+        files[split] = os.path.join(root, f"{split}.jsonl" if split in ("train", "train_grey", "sft")
+                                    else f"eval_{split}.json")
+        with open(files[split], "w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows) if files[split].endswith("l") else json.dumps(rows))
+    return files
+
+
+def run_shortcut(root: str = "shortcut", seeds: tuple = (1, 2, 3), sft_steps: int = 100, rl_steps: int = 120,
+                 n_train: int = 64, n_test: int = 32) -> dict:
+    """`python demo.py --experiment shortcut`: from one SFT start per seed and with the same number of RL steps,
+    (a) GRPO (r1 prompt, original clips), (b) Pretext-GRPO for half the steps then GRPO for the other half,
+    (c) ViSS-R1, and (d) GRPO on grey frames, which can only read the text; each evaluated by eval.py on the
+    cue-consistent and cue-broken splits, plain and with the blind probe. Writes results.json, table.txt and
+    shortcut.svg to `root`."""
+    import time
+    import eval as E
+    t0, size, acc = time.time(), 168, {}
+    for seed in seeds:
+        base_dir = os.path.join(root, f"seed{seed}")
+        files = write_shortcut_data(os.path.join(base_dir, "data"), seed, n_train, n_test, size)
+        corpus = [V.r1_prompt(json.loads(line)) for line in open(files["train"])][:4] + CUE_QUESTIONS
+        base = build_tiny_checkpoint(os.path.join(base_dir, "base"), "qwen2_5_vl", corpus=corpus, vision_hidden=64,
+                                     vocab_size=2000, seed=seed)
+        common = ["--media_root", os.path.join(base_dir, "data"), "--nframes", "4", "--video_min_pixels",
+                  str(size * size), "--video_max_pixels", str(size * size), "--per_device_prompts", "8",
+                  "--save_steps", "100000", "--log_rollouts_every", "0", "--seed", str(seed), "--pretext_tasks",
+                  "arrow", "--learning_rate", "1e-3", "--lr_scheduler_type", "constant", "--temperature", "0.7",
+                  "--top_p", "1.0", "--max_completion_length", "20"]
+
+        def stage(name, model, data, out, steps):
+            if not os.path.isfile(os.path.join(out, "meta.json")):  # done already: a rerun continues
+                V.train(V.parse_args(["--stage", name, "--model", model, "--data", data, "--out", out,
+                                      "--max_steps", str(steps), "--resume"] + common))
+            return out
+
+        d = lambda name: os.path.join(base_dir, name)  # noqa: E731
+        sft = stage("sft", base, files["sft"], d("sft"), sft_steps)
+        half = stage("pretext", sft, files["train"], d("pretext"), rl_steps // 2)
+        ckpts = {"GRPO": stage("grpo", sft, files["train"], d("grpo"), rl_steps),
+                 "Pretext-GRPO then GRPO": stage("grpo", half, files["train"], d("pretext_grpo"), rl_steps - rl_steps // 2),
+                 "ViSS-R1": stage("viss", sft, files["train"], d("viss"), rl_steps),
+                 "GRPO on grey frames (text only)": stage("grpo", sft, files["train_grey"], d("grey"), rl_steps)}
+        for method, ckpt in ckpts.items():
+            res = E.main(["--ckpt", ckpt, "--bench", files["consistent"], files["broken"], "--media_root",
+                          os.path.join(base_dir, "data"), "--nframes", "4", "--video_min_pixels", str(size * size),
+                          "--video_max_pixels", str(size * size), "--max_new_tokens", "24", "--probe", "blind",
+                          "--prompt", "viss" if method == "ViSS-R1" else "r1", "--probe_tasks", "arrow"])
+            for split in ("consistent", "broken"):
+                for probe in ("none", "blind"):
+                    acc.setdefault((method, split, probe), []).append(res[split][probe]["accuracy"])
+    table = shortcut_table(acc, seeds)
+    with open(os.path.join(root, "results.json"), "w") as f:
+        json.dump({"seeds": list(seeds), "minutes": (time.time() - t0) / 60, "sft_steps": sft_steps,
+                   "rl_steps": rl_steps, "accuracy": [{"method": m, "split": s, "probe": p, "per_seed": v}
+                                                      for (m, s, p), v in acc.items()]}, f, indent=2)
+    with open(os.path.join(root, "table.txt"), "w") as f:
+        f.write(table + "\n")
+    bars = {m: {f"{s}{'' if p == 'none' else ', blind'}": acc[m, s, p] for s in ("consistent", "broken")
+                for p in ("none", "blind")} for m in SHORTCUT_METHODS}
+    with open(os.path.join(root, "shortcut.svg"), "w") as f:
+        f.write(svg_bars(bars, f"Held-out accuracy (%), mean and range over seeds {', '.join(map(str, seeds))}"))
+    V.print0(f"\n{table}\nshortcut experiment: {(time.time() - t0) / 60:.1f} min; {root}/shortcut.svg")
+    return {"accuracy": acc, "table": table, "minutes": (time.time() - t0) / 60}
+
+
+def shortcut_table(acc: dict, seeds) -> str:
+    """method x split x probe: mean and spread (min..max) over the seeds, in percent."""
+    lines = [f"{'method':<34}{'split':<12}{'probe':<7}{'mean':>7}  {'min..max':<13}per seed ({', '.join(map(str, seeds))})"]
+    for (m, s, p), v in acc.items():
+        lines.append(f"{m:<34}{s:<12}{p:<7}{sum(v) / len(v):>7.1f}  {min(v):>5.1f}..{max(v):<5.1f}  "
+                     + " ".join(f"{x:.1f}" for x in v))
+    return "\n".join(lines)
+
+
+def svg_bars(groups: dict[str, dict[str, list[float]]], title: str, width: int = 820, height: int = 360) -> str:
+    """Grouped bars (0..100): a group per method, a bar per (split, probe) at the seeds' mean, a line over their
+    range."""
+    L, T, W, H = 50, 40, width - 70, height - 120
+    n_bars = max(len(b) for b in groups.values())
+    gw = W / len(groups)
+    bw = gw * 0.8 / n_bars
+    sy = lambda v: T + H - v / 100 * H  # noqa: E731
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+           f'font-size="12">', '<rect width="100%" height="100%" fill="white"/>',
+           f'<text x="{L}" y="{T - 16}" font-size="14">{title}</text>']
+    for k in range(6):
+        out.append(f'<line x1="{L}" x2="{L + W}" y1="{sy(20 * k)}" y2="{sy(20 * k)}" stroke="#ddd"/>'
+                   f'<text x="{L - 6}" y="{sy(20 * k) + 4}" text-anchor="end">{20 * k}</text>')
+    for g, (method, bars) in enumerate(groups.items()):
+        for b, (label, vals) in enumerate(bars.items()):
+            x, mean, color = L + g * gw + gw * 0.1 + b * bw, sum(vals) / len(vals), SVG_COLORS[b % len(SVG_COLORS)]
+            out.append(f'<rect x="{x:.1f}" y="{sy(mean):.1f}" width="{bw * 0.9:.1f}" height="{T + H - sy(mean):.1f}" '
+                       f'fill="{color}"><title>{method}, {label}: {mean:.1f}</title></rect>'
+                       f'<line x1="{x + bw * 0.45:.1f}" x2="{x + bw * 0.45:.1f}" y1="{sy(min(vals)):.1f}" '
+                       f'y2="{sy(max(vals)):.1f}" stroke="black"/>')
+            if g == 0:
+                out.append(f'<rect x="{L + 160 * b}" y="{height - 28}" width="12" height="12" fill="{color}"/>'
+                           f'<text x="{L + 160 * b + 16}" y="{height - 18}">{label}</text>')
+        out.append(f'<text x="{L + g * gw + gw / 2:.1f}" y="{T + H + 18}" text-anchor="middle">{method}</text>')
+    return "\n".join(out + ["</svg>"]) + "\n"
+
+
 def main(argv=None) -> dict:
     import argparse
-    p = argparse.ArgumentParser(description="ViSS-R1 CPU demo (see the module docstring)",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default="out", help="data, checkpoints and metrics; ends as the ViSS-R1 checkpoint")
-    p.add_argument("--seed", type=int, default=42, help="model initialisation, data order and sampling")
+    p = argparse.ArgumentParser(description="ViSS-R1 CPU demo (see the module docstring)")
+    p.add_argument("--out", default="out", help="data, checkpoints and metrics; ends as the ViSS-R1 checkpoint "
+                   "(default: out; with --experiment: shortcut)")
+    p.add_argument("--seed", type=int, default=42, help="model initialisation, data order and sampling (default: 42)")
     p.add_argument("--plot", nargs="+", metavar="METRICS", help="only draw the curves of these metrics.jsonl "
                    "files (any run's) as an SVG, then exit")
     p.add_argument("--svg", help="with --plot: the SVG to write (default: curves.svg beside the first file)")
     p.add_argument("--keys", help="with --plot: comma-separated metric keys (default: the rewards, or the loss)")
+    p.add_argument("--experiment", choices=("shortcut",), help="instead of the demo: the shortcut experiment "
+                   "(GRPO, Pretext-GRPO then GRPO, ViSS-R1 on data whose wording predicts the answer)")
+    p.add_argument("--seeds", default="1,2,3", help="with --experiment: the seeds (default: 1,2,3)")
     args = p.parse_args(argv)
+    if args.experiment:
+        return run_shortcut(args.out if args.out != "out" else "shortcut", tuple(int(s) for s in args.seeds.split(",")))
     if args.plot:
         svg = plot_metrics(args.plot, args.svg or os.path.join(os.path.dirname(args.plot[0]), "curves.svg"),
                            args.keys.split(",") if args.keys else None)
         print(f"wrote {svg}")
         return {"svg": svg}
     return run_demo(args.out, args.seed)
+
 
 if __name__ == "__main__":
     main()

@@ -1896,6 +1896,35 @@ def test_report_to_tensorboard_writes_the_logged_scalars(demo, tmp_path):
             assert event.value == pytest.approx(m[key], rel=1e-6, abs=1e-9), key
 
 
+def test_shortcut_data_has_the_cue_and_the_pixels_decide(tmp_path):
+    files = D.write_shortcut_data(str(tmp_path), seed=0, n_train=200, n_test=20, size=56)
+    def agree(split):  # how often the wording's colour is the answer
+        rows = V.load_rows(files[split])
+        return sum(D.CUE_QUESTIONS.index(r["problem"].strip()) == V.LETTERS.index(V.extract_tag(r["solution"]))
+                   for r in rows) / len(rows)
+    assert 0.85 <= agree("train") <= 0.95 and agree("consistent") == 1.0 and agree("broken") == 0.0
+    import decord
+    for split in ("train", "broken"):  # the clip's dominant colour is always the answer
+        for r in V.load_rows(files[split])[:4]:
+            clip = decord.VideoReader(str(tmp_path / r["path"])).get_batch([0]).asnumpy().astype(float)
+            colour = r["options"][V.LETTERS.index(V.extract_tag(r["solution"]))].split(". ")[1]
+            assert np.argmax(D.DEMO_COLORS[colour]) == np.argmax(clip[0].mean((0, 1)))
+    grey = V.load_rows(files["train_grey"])  # the text-only control: the same rows on grey clips
+    assert [r["problem"] for r in grey] == [r["problem"] for r in V.load_rows(files["train"])]
+
+
+def test_shortcut_experiment_at_toy_size(tmp_path):
+    """Every method trained and evaluated; the table and the SVG have a row / bar per method x split x probe."""
+    res = D.run_shortcut(str(tmp_path / "sc"), seeds=(1,), sft_steps=2, rl_steps=2, n_train=8, n_test=4)
+    keys = {(m, s, p) for m in D.SHORTCUT_METHODS for s in ("consistent", "broken") for p in ("none", "blind")}
+    assert set(res["accuracy"]) == keys and all(len(v) == 1 and 0 <= v[0] <= 100 for v in res["accuracy"].values())
+    table = (tmp_path / "sc" / "table.txt").read_text().splitlines()
+    assert len(table) == 1 + len(keys) and all(any(line.startswith(m) for line in table) for m in D.SHORTCUT_METHODS)
+    saved = json.load(open(tmp_path / "sc" / "results.json"))
+    assert len(saved["accuracy"]) == len(keys) and saved["seeds"] == [1]
+    assert (tmp_path / "sc" / "shortcut.svg").read_text().count("<rect x=") >= 16
+
+
 def test_bench_tiny_preset_end_to_end(tmp_path):
     """`python bench.py --preset tiny --json` runs every section; the shared-prefix sampler's greedy output is
     the generate() output in every configuration; the JSON holds each section's figures."""
