@@ -1618,22 +1618,37 @@ def test_bench_tiny_preset_end_to_end(tmp_path):
     assert "== summary" in r.stdout
     res = json.loads(out.read_text())
     assert res["sections"] == ["rollout", "logprobs", "step", "scaling"]
-    # 1. rollout: N = 1 (prompt only) then the preset's lengths, all three ways greedy-identical
-    assert [row["new_tokens"] for row in res["rollout"]] == [1, 4, 16]
-    for row in res["rollout"]:
+    # 1. rollout: N = 1 (prompt only) then the preset's lengths, all three ways greedy-identical; sampled at
+    # top_p at N = 1 and the long N, and the decode and whole-rollout figures computed from them
+    ro = res["rollout"]
+    assert [row["new_tokens"] for row in ro["rows"]] == [1, 4, 16]
+    for row in ro["rows"]:
         assert row["greedy_equal"] is True
-        for way in ("ours", "generate", "copies"):
+        sampled = ("ours_top_p", "generate_top_p") if row["new_tokens"] != 4 else ()
+        for way in ("ours", "generate", "copies") + sampled:
             assert row[f"{way}_s"]["n"] == 2 and row[f"{way}_s"]["median"] > 0
         assert row["speedup"] > 0
+    first, long, d = ro["rows"][0], ro["rows"][-1], ro["decode_ms"]
+    assert d["ours_top_p"] == pytest.approx(1e3 * (long["ours_top_p_s"]["median"]
+                                                   - first["ours_top_p_s"]["median"]) / 15)
+    assert ro["whole_s"]["ours"] == pytest.approx(first["ours_top_p_s"]["median"] + 767 * d["ours_top_p"] / 1e3)
+    assert ro["sampling_ms"]["nucleus"] > 0 and ro["sampling_ms"]["vocab"] > 500  # the tiny tokenizer's
     # 2. log-probs: both modes measured, and they agree
     lp = res["logprobs"]
     assert lp["vocab"] == 151936 and lp["max_abs_diff"] < 1e-4
     assert lp["chunked"]["peak_mib"] > 0 and lp["full"]["peak_mib"] > 0
-    # 3. step: every part timed, FLOPs counted, memory measured
-    step = res["step"]
-    assert set(step["parts"]) == {"rollout", "ref_logprobs", "fwd_bwd", "optimizer"}
-    assert all(step["parts"][k]["median"] > 0 for k in step["parts"])
-    assert 0 < step["mfu"] < 1 and step["peak_mib"] > 0 and step["completion_tok_s"] > 0
+    # 3. step: both scoring modes at each length, every part timed, FLOPs counted, memory measured, the same
+    # reference log-probs; prefix-shared scoring counts fewer FLOPs than G rows
+    assert [st["N"] for st in res["step"]] == [4, 8]
+    for st in res["step"]:
+        assert st["logprob_max_diff"] < 1e-5
+        for mode in ("rows", "shared"):
+            r = st[mode]
+            assert set(r["parts"]) == {"media", "rollout", "ref_logprobs", "fwd_bwd", "optimizer"}
+            assert r["mode"] == mode
+            assert all(r["parts"][k]["median"] > 0 for k in r["parts"])
+            assert 0 < r["mfu"] < 1 and r["peak_mib"] > 0 and r["completion_tok_s"] > 0
+        assert st["shared"]["flops"]["fwd_bwd"] < st["rows"]["flops"]["fwd_bwd"]
     # 4. scaling: every point of every axis
     points = [(s["axis"], s[s["axis"]]) for s in res["scaling"]]
     assert points == [("G", 2), ("G", 4), ("frames", 4), ("frames", 8), ("N", 4), ("N", 8)]
