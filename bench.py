@@ -31,9 +31,12 @@ How it measures:
   - every figure is the median of --repeats runs after --warmup runs, with the spread (max - min) / 2. On
     CUDA each timed call sits between two CUDA events and ends with a synchronisation.
   - peak memory on CUDA: torch.cuda.max_memory_allocated() above what was allocated before. On CPU: the rise
-    of the resident-set high-water mark (ru_maxrss) in a fresh process, one per configuration (the mark
-    never falls, so one process measures one configuration), forked from a forkserver that has imported
-    the libraries and computed nothing. A step's peak counts weights, gradients, AdamW state, activations.
+    of the resident-set high-water mark (ru_maxrss) in a fresh process, one per configuration, forked from a
+    forkserver that has imported the libraries and computed nothing. A step's peak counts weights,
+    gradients, AdamW state, activations; it comes from one more, untimed, step in which blocks from 1 MiB
+    up are mapped and unmapped one by one (the resident set then follows the live tensors; glibc's heap
+    would keep freed memory); its scoring peak (reference + forward + backward) counts from what was in use
+    before the reference forward, the mark reset there (malloc_trim, then /proc/self/clear_refs).
   - MFU = model FLOPs / time / peak: on CUDA the GPU's dense bf16 peak from its name (PEAK_BF16), else
     (any CPU) the rate of a square matmul timed here (float32 on CPU), labelled as measured. Model FLOPs
     count the dense matmuls each path executes. With P prompt and C completion tokens, S = P + C, N_llm
@@ -192,6 +195,22 @@ def mmap_threshold(nbytes: int) -> None:
         ctypes.CDLL("libc.so.6").mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):  # not glibc: measure as is
         pass
+
+
+def restart_peak(device: torch.device) -> tuple[int, int]:
+    """-> (the peak so far, bytes in use now), and the peak counter restarts from now. CUDA: allocator stats.
+    CPU (Linux, glibc): freed heap memory goes back to the OS (malloc_trim), then the kernel resets the
+    resident-set high-water mark (writing 5 to /proc/self/clear_refs), which ru_maxrss reports."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        return before, torch.cuda.memory_allocated()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 _FORKSERVER = None
@@ -488,7 +507,8 @@ def bench_logprobs(p: Preset, repeats: int, warmup: int, device) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def grpo_step(policy, ref, optimizer, args: V.Args, tokenizer, spec, bias, eos, p: Preset, device) -> tuple:
+def grpo_step(policy, ref, optimizer, args: V.Args, tokenizer, spec, bias, eos, p: Preset, device,
+              mem: dict | None = None) -> tuple:
     """train()'s step for one prompt on one process -> (seconds per part, reference log-probs [G, N]):
       media         viss_r1.make_sample: decode the clip from its file, resize, patch, prompt ids
       rollout       viss_r1.rollout (sample_group at top_p, decode the texts, rewards), then the advantages
@@ -497,8 +517,12 @@ def grpo_step(policy, ref, optimizer, args: V.Args, tokenizer, spec, bias, eos, 
       optimizer     clip the gradient norm, AdamW step, zero the gradients
     Left out: the status line, metrics.jsonl / rollouts.jsonl, checkpoints; train()'s all_gathers of rewards,
     finiteness and log records run here too, but are no-ops on one process. num_iterations = 1, so the old
-    log-probs are logp.detach() and need no forward of their own."""
+    log-probs are logp.detach() and need no forward of their own.
+    mem: fill in the step's peak bytes ("step") and the scoring's (reference + forward + backward) peak MiB
+    above what was in use before it ("scoring")."""
     t, pad = {}, policy.model.config.text_config.pad_token_id
+    if mem is not None:
+        restart_peak(device)
     sample, t["media"] = timed(lambda: V.make_sample(ROW, args, spec, tokenizer, random.Random(0)), device)
 
     def rollout():
@@ -513,6 +537,8 @@ def grpo_step(policy, ref, optimizer, args: V.Args, tokenizer, spec, bias, eos, 
     mask = V.completion_mask(comp, eos)
     score = lambda model: V.sequence_logprobs(model, sample, comp, args.temperature, bias, args.prefix_sharing)  # noqa
     policy.train()
+    if mem is not None:
+        mem["rollout"], base = restart_peak(device)
     with torch.no_grad(), autocast(device, p):
         ref_lp, t["ref_logprobs"] = timed(lambda: score(ref), device)
 
@@ -530,7 +556,12 @@ def grpo_step(policy, ref, optimizer, args: V.Args, tokenizer, spec, bias, eos, 
         optimizer.zero_grad(set_to_none=True)
 
     t["fwd_bwd"] = timed(fwd_bwd, device)[1]
+    if mem is not None:
+        top, _ = restart_peak(device)
+        mem["scoring"] = (top - base) / 2**20
     t["optimizer"] = timed(step, device)[1]
+    if mem is not None:
+        mem["step"] = max(mem["rollout"], top, restart_peak(device)[0])
     return t, ref_lp
 
 
@@ -553,7 +584,13 @@ def step_worker(job: dict) -> dict:
         grpo_step(policy, ref, optimizer, small, tokenizer, spec, bias, eos, p, device)
     runs = [grpo_step(policy, ref, optimizer, args, tokenizer, spec, bias, eos, p, device)
             for _ in range(job["repeats"])]
-    peak = peak_mib(device, mark)
+    # memory, from one more (untimed) step: on CPU with blocks from 1 MiB up mapped and unmapped one by one, so
+    # that the resident set follows the live tensors (timing ran with glibc's usual 32 MiB threshold)
+    if device.type == "cpu":
+        mmap_threshold(1 << 20)
+    mem = {}
+    grpo_step(policy, ref, optimizer, args, tokenizer, spec, bias, eos, p, device, mem)
+    peak = (mem["step"] - mark) / 2**20
     sample = V.make_sample(ROW, args, spec, tokenizer, random.Random(0))
     with torch.no_grad(), autocast(device, p):  # one vision-tower forward; each scoring forward runs it once
         vis = {k: v.to(device) for k, v in sample.vis.items()}
@@ -567,7 +604,8 @@ def step_worker(job: dict) -> dict:
             "flops": {"media": 0.0, "rollout": rollout_flops(c, G, P, N, patches),
                       "ref_logprobs": forward_flops(c, G, P, N, patches, packed),
                       "fwd_bwd": 3 * forward_flops(c, G, P, N, patches, packed), "optimizer": 0.0},
-            "peak_mib": peak, "params_m": sum(x.numel() for x in model.parameters()) / 1e6, "vision_s": vision_s}
+            "peak_mib": peak, "scoring_peak_mib": mem["scoring"], "vision_s": vision_s,
+            "params_m": sum(x.numel() for x in model.parameters()) / 1e6}
 
 
 def step_report(r: dict, rate: float) -> dict:
@@ -736,13 +774,14 @@ def print_step(pair: dict) -> dict:
     a, b = rows["step_s"], shared["step_s"]
     print(f"    {'step':13s} {a['median']:8.3f}s ±{a['spread']:.3f} {rows['mfu']:6.1%}  {b['median']:8.3f}s "
           f"±{b['spread']:.3f} {shared['mfu']:6.1%}   {a['median'] / b['median']:5.2f}x")
-    print(f"    {'peak':13s} {rows['peak_mib']:8.0f} MiB {'':8s}  {shared['peak_mib']:8.0f} MiB {'':8s}   "
-          f"{rows['peak_mib'] / shared['peak_mib']:5.2f}x")
+    for k, name in (("peak_mib", "step peak"), ("scoring_peak_mib", "scoring peak")):
+        print(f"    {name:13s} {rows[k]:8.0f} MiB {'':8s}  {shared[k]:8.0f} MiB {'':8s}   {rows[k] / shared[k]:5.2f}x")
     diff = (torch.tensor(rows.pop("ref_logprobs")) - torch.tensor(shared.pop("ref_logprobs"))).abs().max().item()
     out = {"N": N, "rows": rows, "shared": shared, "logprob_max_diff": diff,
            "fwd_bwd_speedup": rows["parts"]["fwd_bwd"]["median"] / shared["parts"]["fwd_bwd"]["median"],
            "ref_speedup": rows["parts"]["ref_logprobs"]["median"] / shared["parts"]["ref_logprobs"]["median"],
-           "step_speedup": a["median"] / b["median"], "memory_ratio": rows["peak_mib"] / shared["peak_mib"]}
+           "step_speedup": a["median"] / b["median"], "memory_ratio": rows["peak_mib"] / shared["peak_mib"],
+           "scoring_memory_ratio": rows["scoring_peak_mib"] / shared["scoring_peak_mib"]}
     print(f"    reference log-probs, per-row vs shared: max |diff| {diff:.1e}; {shared['completion_tok_s']:.0f} "
           f"completion tok/s shared; a vision-tower forward {shared['vision_s']:.3f}s, once per scoring forward in "
           f"both modes; the prompt is {rows['prompt_tokens'] / (rows['prompt_tokens'] + N):.0%} of a row", flush=True)
@@ -784,6 +823,9 @@ def print_summary(res: dict) -> None:
         rows += [(f"prefix-shared vs per-row scoring fwd+bwd, N={N}", f"{st['fwd_bwd_speedup']:.2f}x faster",
                   f">= {target}x" if target else "", st["fwd_bwd_speedup"] >= target if target else None),
                  (f"prefix-shared vs per-row reference, N={N}", f"{st['ref_speedup']:.2f}x faster", "", None),
+                 (f"prefix-shared vs per-row scoring peak memory, N={N}",
+                  f"{st['shared']['scoring_peak_mib']:.0f} / {st['rows']['scoring_peak_mib']:.0f} MiB", "lower",
+                  st["scoring_memory_ratio"] > 1),
                  (f"prefix-shared vs per-row step peak memory, N={N}",
                   f"{st['shared']['peak_mib']:.0f} / {st['rows']['peak_mib']:.0f} MiB", "lower",
                   st["memory_ratio"] > 1),
