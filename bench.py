@@ -16,7 +16,8 @@ training clip, then resized, patched and prompted by viss_r1), and measures in o
   3. step      train()'s GRPO step on one process (1 prompt x G completions on the 32-frame ViSS-R1 clip,
                grpo stage: beta 0.04, AdamW): media decode, rollout with rewards, reference log-probs,
                forward+backward, optimizer; scoring per row (G sequences [prompt; c_g]) against prefix-shared
-               (one sequence [prompt; c_1..c_G]) at each --step_tokens, side by side: time, peak, log-probs.
+               (one sequence [prompt; c_1..c_G]) at each --step_tokens, side by side (the two modes' steps
+               interleaved in one process): time, peak memory, log-probs.
   4. scaling   step time and peak memory as G (2, 4, 8, 16), frames (8, 16, 32) and completion length grow.
 
 Usage:
@@ -566,9 +567,10 @@ def grpo_step(policy, ref, optimizer, args: V.Args, tokenizer, spec, bias, eos, 
 
 
 def step_worker(job: dict) -> dict:
-    """One configuration, in its own process on CPU: policy, frozen reference and AdamW, then the steps."""
+    """One configuration, in its own process on CPU: policy, frozen reference and AdamW, then the steps of each
+    scoring mode in job["modes"], interleaved (a change in machine load hits every mode) -> {mode: figures}."""
     from transformers import AutoTokenizer
-    p, device, G, N, shared = job["preset"], torch.device(job["device"]), job["G"], job["N"], job["shared"]
+    p, device, G, N = job["preset"], torch.device(job["device"]), job["G"], job["N"]
     mark = memory_mark(device)
     model = build_model(job["skeleton"], p, device, grad_ckpt=p.grad_ckpt)
     policy = V.Policy(model)
@@ -576,36 +578,43 @@ def step_worker(job: dict) -> dict:
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6, weight_decay=0.01)
     spec, tokenizer = V.vision_spec(model.config, job["skeleton"]), AutoTokenizer.from_pretrained(job["skeleton"])
     bias, eos = V.vocab_bias(model, spec, device), never_eos(model)
-    args = step_args(p, job["frames"], G, N, shared, job["media_root"])
+    step = lambda a, mem=None: grpo_step(policy, ref, optimizer, a, tokenizer, spec, bias, eos, p, device, mem)  # noqa
+    modes = {m: step_args(p, job["frames"], G, N, m == "shared", job["media_root"]) for m in job["modes"]}
     # warm-up: on CPU a small step does it (thread pools, first calls; nothing is tuned per shape); on CUDA the
     # real shape, since kernel choices and the caching allocator's pools depend on it
-    small = step_args(p, job["frames"], 2, 2, shared, job["media_root"]) if device.type == "cpu" else args
-    for _ in range(job["warmup"]):
-        grpo_step(policy, ref, optimizer, small, tokenizer, spec, bias, eos, p, device)
-    runs = [grpo_step(policy, ref, optimizer, args, tokenizer, spec, bias, eos, p, device)
-            for _ in range(job["repeats"])]
-    # memory, from one more (untimed) step: on CPU with blocks from 1 MiB up mapped and unmapped one by one, so
-    # that the resident set follows the live tensors (timing ran with glibc's usual 32 MiB threshold)
+    for m, args in modes.items():
+        for _ in range(job["warmup"]):
+            step(step_args(p, job["frames"], 2, 2, m == "shared", job["media_root"]) if device.type == "cpu" else args)
+    runs = {m: [] for m in modes}
+    for _ in range(job["repeats"]):
+        for m, args in modes.items():
+            runs[m].append(step(args))
+    # memory, from one more (untimed) step per mode: on CPU with blocks from 1 MiB up mapped and unmapped one by
+    # one, so that the resident set follows the live tensors (timing ran with glibc's usual 32 MiB threshold)
     if device.type == "cpu":
         mmap_threshold(1 << 20)
-    mem = {}
-    grpo_step(policy, ref, optimizer, args, tokenizer, spec, bias, eos, p, device, mem)
-    peak = (mem["step"] - mark) / 2**20
-    sample = V.make_sample(ROW, args, spec, tokenizer, random.Random(0))
+    mems = {m: {} for m in modes}
+    for m, args in modes.items():
+        step(args, mems[m])
+    sample = V.make_sample(ROW, next(iter(modes.values())), spec, tokenizer, random.Random(0))
     with torch.no_grad(), autocast(device, p):  # one vision-tower forward; each scoring forward runs it once
         vis = {k: v.to(device) for k, v in sample.vis.items()}
         vision_s = timed(lambda: model.model.visual(vis["pixel_values_videos"], grid_thw=vis["video_grid_thw"]),
                          device)[1]
     c, P, patches = flop_counts(model), len(sample.ids), sample.vis["pixel_values_videos"].shape[0]
-    packed = shared and 4 * P >= N  # viss_r1.sequence_logprobs' rule
-    return {"G": G, "frames": job["frames"], "N": N, "mode": "shared" if shared else "rows", "prompt_tokens": P,
-            "patches": patches, "parts": {k: summary([r[0][k] for r in runs]) for k in PARTS},
-            "step_s": summary([sum(r[0].values()) for r in runs]), "ref_logprobs": runs[0][1].cpu().tolist(),
-            "flops": {"media": 0.0, "rollout": rollout_flops(c, G, P, N, patches),
-                      "ref_logprobs": forward_flops(c, G, P, N, patches, packed),
-                      "fwd_bwd": 3 * forward_flops(c, G, P, N, patches, packed), "optimizer": 0.0},
-            "peak_mib": peak, "scoring_peak_mib": mem["scoring"], "vision_s": vision_s,
-            "params_m": sum(x.numel() for x in model.parameters()) / 1e6}
+    out = {}
+    for m in modes:
+        packed = m == "shared" and 4 * P >= N  # viss_r1.sequence_logprobs' rule
+        out[m] = {"G": G, "frames": job["frames"], "N": N, "mode": m, "prompt_tokens": P, "patches": patches,
+                  "parts": {k: summary([r[0][k] for r in runs[m]]) for k in PARTS},
+                  "step_s": summary([sum(r[0].values()) for r in runs[m]]),
+                  "ref_logprobs": runs[m][0][1].cpu().tolist(),
+                  "flops": {"media": 0.0, "rollout": rollout_flops(c, G, P, N, patches),
+                            "ref_logprobs": forward_flops(c, G, P, N, patches, packed),
+                            "fwd_bwd": 3 * forward_flops(c, G, P, N, patches, packed), "optimizer": 0.0},
+                  "peak_mib": (mems[m]["step"] - mark) / 2**20, "scoring_peak_mib": mems[m]["scoring"],
+                  "vision_s": vision_s, "params_m": sum(x.numel() for x in model.parameters()) / 1e6}
+    return out
 
 
 def step_report(r: dict, rate: float) -> dict:
@@ -706,12 +715,12 @@ def run(p: Preset, sections: list, device: torch.device, work: str, res: dict) -
         res["section_s"][name] = time.time() - clock[0]
         clock[0] = time.time()
 
-    def step_config(G, frames, N, repeats, shared=True):  # one configuration in a fresh process
-        if (G, frames, N, shared) not in done:
+    def step_config(G, frames, N, repeats, modes=("shared",)):  # one configuration in a fresh process
+        if (G, frames, N, modes) not in done:
             job = dict(preset=p, device=device.type, skeleton=skeleton, media_root=work, G=G, N=N, frames=frames,
-                       shared=shared, repeats=repeats, warmup=p.warmup)
-            done[G, frames, N, shared] = step_report(isolated(step_worker, job), peak)
-        return done[G, frames, N, shared]
+                       modes=modes, repeats=repeats, warmup=p.warmup)
+            done[G, frames, N, modes] = {m: step_report(r, peak) for m, r in isolated(step_worker, job).items()}
+        return done[G, frames, N, modes]
 
     s = sample(p.frames)
     rate = matmul_rate(device)
@@ -744,8 +753,7 @@ def run(p: Preset, sections: list, device: torch.device, work: str, res: dict) -
               f"[prompt; c_g] or prefix-shared [prompt; c_1..c_G]; peak = {memory}")
         res["step"] = []
         for N in p.step_tokens:
-            pair = {m: step_config(p.G, p.viss_frames, N, p.repeats, m == "shared") for m in MODES}
-            res["step"].append(print_step(pair))
+            res["step"].append(print_step(step_config(p.G, p.viss_frames, N, p.repeats, MODES)))
         lap("step")
     if "scaling" in sections:
         print(f"[4] scaling around G={p.G}, frames={p.frames}, N={p.sweep_tokens} (prefix-shared scoring), "
@@ -754,7 +762,7 @@ def run(p: Preset, sections: list, device: torch.device, work: str, res: dict) -
         for axis, values in (("G", p.scale_G), ("frames", p.scale_frames), ("N", p.scale_tokens)):
             for v in values:
                 cfg = dict(dict(G=p.G, frames=p.frames, N=p.sweep_tokens), **{axis: v})
-                r = step_config(cfg["G"], cfg["frames"], cfg["N"], p.scale_repeats)
+                r = step_config(cfg["G"], cfg["frames"], cfg["N"], p.scale_repeats)["shared"]
                 res["scaling"].append(dict(r, axis=axis))
                 print(f"  {axis:6s} = {v:<4d} prompt {r['prompt_tokens']:5d}  step {r['step_s']['median']:7.3f}s "
                       f"±{r['step_s']['spread']:.3f}  peak {r['peak_mib']:8.0f} MiB  "
@@ -764,7 +772,7 @@ def run(p: Preset, sections: list, device: torch.device, work: str, res: dict) -
 
 def print_step(pair: dict) -> dict:
     """Both scoring modes of one completion length side by side; -> the pair with their ratios."""
-    rows, shared = pair["rows"], pair["shared"]
+    rows, shared = dict(pair["rows"]), dict(pair["shared"])
     N = rows["N"]
     print(f"  N={N}: {'per-row':>22s} {'prefix-shared':>22s}   per-row / shared")
     for k in PARTS:
