@@ -27,6 +27,7 @@ Usage:
   python bench.py --preset 7b                   # Qwen2.5-VL-7B dimensions, random weights: rollout + logprobs
   python bench.py --sections rollout --frames 32 --new_tokens 16,128 --repeats 5
   python bench.py --sections rollout --vocab 151936  # decode cost at Qwen's real vocabulary
+  python bench.py --sections step --frames 2 --max_pixels 3136 --step_tokens 768   # a prompt of C/4 tokens
 
 How it measures:
   - every figure is the median of --repeats runs after --warmup runs, with the spread (max - min) / 2. On
@@ -417,7 +418,8 @@ def bench_rollout(model, sample: V.Sample, p: Preset, repeats: int, warmup: int,
     decode = {k: (long[f"{k}_s"]["median"] - first[f"{k}_s"]["median"]) / (long["new_tokens"] - 1)
               for k in ("ours", "generate", "ours_top_p", "generate_top_p")}
     print(f"  top_p {p.top_p}: N=1 ours {first['ours_top_p_s']['median']:.3f}s generate "
-          f"{first['generate_top_p_s']['median']:.3f}s; N={long['new_tokens']} ours {long['ours_top_p_s']['median']:.3f}s"
+          f"{first['generate_top_p_s']['median']:.3f}s; N={long['new_tokens']} ours "
+          f"{long['ours_top_p_s']['median']:.3f}s"
           f" ±{long['ours_top_p_s']['spread']:.3f} generate {long['generate_top_p_s']['median']:.3f}s "
           f"±{long['generate_top_p_s']['spread']:.3f}")
     print("  decode ms/token (t[N] - t[1]) / (N - 1): greedy ours {:.1f} generate {:.1f}; top_p {} ours {:.1f} "
@@ -429,27 +431,32 @@ def bench_rollout(model, sample: V.Sample, p: Preset, repeats: int, warmup: int,
     res = {"rows": rows, "decode_ms": {k: 1e3 * v for k, v in decode.items()}, "whole_tokens": at,
            "whole_s": whole, "whole_speedup": whole["generate"] / whole["ours"],
            "prefill_speedup": first["generate_top_p_s"]["median"] / first["ours_top_p_s"]["median"],
-           "sampling_ms": sampling_costs(G, model.config.text_config.vocab_size, p.top_p, device, repeats + warmup)}
+           "sampling_ms": sampling_costs(model, G, p.top_p, device, repeats + warmup)}
     print(f"  whole rollout at {at} tokens = N=1 + {at - 1} x decode, top_p {p.top_p}: ours {whole['ours']:.2f}s, "
-          f"generate {whole['generate']:.2f}s: {res['whole_speedup']:.2f}x (prefill alone: {res['prefill_speedup']:.2f}x)")
+          f"generate {whole['generate']:.2f}s: {res['whole_speedup']:.2f}x (prefill alone: "
+          f"{res['prefill_speedup']:.2f}x)")
     s = res["sampling_ms"]
-    print(f"  one decode step's sampling at vocab {s['vocab']}, G={G}: log_softmax {s['log_softmax']:.2f} ms, sort-free "
-          f"nucleus draw {s['nucleus']:.2f} ms; a plain nucleus (generate's top-p path) sorts {s['sort']:.2f} ms and "
-          f"draws with multinomial {s['multinomial']:.2f} ms", flush=True)
+    print(f"  one decode step at vocab {s['vocab']}, G={G}: lm_head {s['lm_head']:.2f} ms, log_softmax "
+          f"{s['log_softmax']:.2f} ms, sort-free nucleus draw {s['nucleus']:.2f} ms; a plain nucleus (generate's "
+          f"top-p path) sorts {s['sort']:.2f} ms and draws with multinomial {s['multinomial']:.2f} ms", flush=True)
     return res
 
 
-def sampling_costs(G: int, vocab: int, top_p: float, device, repeats: int) -> dict:
-    """ms per decode step of the sampling arithmetic on [G, vocab] logits: the sampler's log_softmax and its
-    sort-free nucleus draw, against the sort + multinomial of a plain nucleus (what generate's top-p does)."""
-    g = torch.Generator(device).manual_seed(0)
+def sampling_costs(model, G: int, top_p: float, device, repeats: int) -> dict:
+    """ms per decode step of the vocabulary-sized work: lm_head on G hidden states (it reads the whole [vocab, d]
+    weight), the sampler's log_softmax and its sort-free nucleus draw, against the sort + multinomial of a
+    plain nucleus (what generate's top-p does)."""
+    g, vocab = torch.Generator(device).manual_seed(0), model.config.text_config.vocab_size
+    h = torch.randn(G, model.config.text_config.hidden_size, device=device, generator=g)
     logits, bias = torch.randn(G, vocab, device=device, generator=g) * 3, torch.zeros(vocab, device=device)
     logp = torch.log_softmax(logits + bias, -1)
-    ways = {"log_softmax": lambda: torch.log_softmax(logits / 1.0 + bias, -1),
+    ways = {"lm_head": lambda: model.lm_head(h), "log_softmax": lambda: torch.log_softmax(logits / 1.0 + bias, -1),
             "nucleus": lambda: V._sample_token(logp, top_p, g),
             "sort": lambda: logp.exp().sort(-1, descending=True),
             "multinomial": lambda: torch.multinomial(logp.exp(), 1, generator=g)}
-    out = {k: 1e3 * statistics.median(timed(fn, device)[1] for _ in range(max(3, repeats))) for k, fn in ways.items()}
+    with torch.no_grad():
+        out = {k: 1e3 * statistics.median(timed(fn, device)[1] for _ in range(max(3, repeats)))
+               for k, fn in ways.items()}
     return dict(out, vocab=vocab)
 
 # ---------------------------------------------------------------------------------------------------------
@@ -816,7 +823,8 @@ def print_summary(res: dict) -> None:
                   f"{first['generate_s']['median']:.3f}", "", None),
                  ("decode ms/token greedy: ours / generate", f"{d['ours']:.1f} / {d['generate']:.1f}", "", None),
                  (f"decode ms/token top_p {res['config']['top_p']}: ours / generate",
-                  f"{d['ours_top_p']:.1f} / {d['generate_top_p']:.1f}", "ours <=", d["ours_top_p"] <= d["generate_top_p"]),
+                  f"{d['ours_top_p']:.1f} / {d['generate_top_p']:.1f}", "ours <=",
+                  d["ours_top_p"] <= d["generate_top_p"]),
                  (f"whole rollout at {ro['whole_tokens']} tokens, top_p: ours vs generate",
                   f"{ro['whole_speedup']:.2f}x (prefill {ro['prefill_speedup']:.2f}x)", "", None),
                  ("greedy outputs identical (every N, both baselines)", str(ok), "True", ok)]
@@ -854,7 +862,7 @@ def print_summary(res: dict) -> None:
           + ", ".join(f"{k} {v:.0f}s" for k, v in res["section_s"].items()) + f"); MFU against the "
           f"{res['mfu_peak']} ==")
     for name, value, target, ok in rows:
-        print(f"{name:50s} {value:30s} {target:8s} {'' if ok is None else 'met' if ok else 'not met'}")
+        print(f"{name:52s} {value:30s} {target:8s} {'' if ok is None else 'met' if ok else 'not met'}")
 
 
 if __name__ == "__main__":
