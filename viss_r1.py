@@ -15,7 +15,8 @@ and for answering the user's question about the restored clip, inside the same G
     GRPO / T-GRPO  the Video-R1 baseline on the original clip, beta 0.04
 
 Run it:
-    python demo.py                                    # CPU, no downloads, ~7 min: SFT -> Pretext-GRPO / ViSS-R1
+    python demo.py                                    # CPU, no downloads, ~4 min: SFT -> Pretext-GRPO / ViSS-R1
+    python annotate.py --model Qwen/Qwen2.5-VL-72B-Instruct --data Video-R1-COT-165k.json ...  # SSL-CoT SFT data
     python viss_r1.py --stage viss --model sft_out/ --data train.jsonl --media_root data/ --out out/
     torchrun --nproc_per_node 8 viss_r1.py --stage viss --model sft_out/ --data train.jsonl \
         --media_root data/ --out out/ --bf16 --gradient_checkpointing        # the paper: 8 GPUs, FSDP2
@@ -28,11 +29,15 @@ algorithm only: the demo, the tiny test checkpoints (demo.py), the benchmarks (b
 (eval.py) import it, never the other way round. Every piece others copy is a small pure function; importing this
 module loads nothing heavy (transformers and decord are imported inside the functions that need them).
 
-Deliberate departures from the authors' release (each one is explained where it is implemented):
-  1. `shuffle` works for any frame count divisible by 4 (the release hard-wires 32 frames) and the question
-     names the real frame ranges.
-  2. `second_per_grid_ts` and `mm_token_type_ids` go to every forward, scoring included (the Video-R1
-     trainer dropped the former for scoring, so scoring used different M-RoPE positions than sampling).
+Where the paper's numbers depend on the authors' release, this file does what the release does: rollouts
+sample at temperature 1.0, top_p 0.95; training frames are ~128·28·28 px (its training block), images at most
+256·28·28; SFT targets join think, transform and answer with newlines; eval.py scores as its evaluation does.
+Deliberate departures from the release (each one is explained where it is implemented):
+  1. `shuffle` works for any frame count (a clip of 4k+2 frames keeps 4k of them, evenly spread; the release
+     hard-wires 32 frames) and the question names the real frame ranges.
+  2. The sampled fps reaches every forward as `second_per_grid_ts` (Qwen2.5-VL's M-RoPE time axis). The
+     release's RL and SFT code never passes it to the processor, so it trains at 1 s per temporal patch whatever
+     the clip's fps (its evaluation passes the real fps), and its scoring forward drops it altogether.
   3. Free-form ROUGE tokenizes like rouge-score but without the Porter stemmer.
   4. An explicit `nframes` larger than the clip repeats frames instead of raising (qwen-vl-utils raises).
   5. Images are decoded with Pillow, imported only when an image row is read (decord reads video only).
@@ -44,17 +49,25 @@ Deliberate departures from the authors' release (each one is explained where it 
   7. Vision placeholder tokens can never be sampled; sampling and scoring use the same masked distribution.
   8. Every prompt's sampling is seeded by its position in the data stream, so a run resumed after a kill,
      or run on another number of GPUs, draws the same completions.
+  9. SFT: the loss covers the target tokens only (the release's also covers the prompt's); no system message
+     (the release's SFT prompt has one, and fills the type-instruction slot with the bare problem type): a
+     --prompts file can add one.
+ 10. T-GRPO's bonus needs ordered accuracy >= 0.8 x shuffled (Video-R1's rule); the ViSS-R1 release's
+     baseline trainer uses 1.0 x.
+ 11. Every pretext task of a modality is on by default; the release's final RL run hard-codes video `arrow`
+     and image `puzzle` (--pretext_tasks arrow,puzzle).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import random
 import re
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -84,6 +97,7 @@ class Args:
     stage: str = arg("viss", "the recipe; its presets are in STAGES", tuple(STAGES))
     model: str = arg("Qwen/Qwen2.5-VL-7B-Instruct", "HF checkpoint to start from (folder or hub name)")
     data: str = arg("", "Video-R1 JSON / JSONL rows (SFT rows add `process`, ViSS SFT rows `trans_opt`/`trans_ans`)")
+    prompts: str = arg("", "JSON file of prompt templates replacing the built-in wording (README: Prompt templates)")
     media_root: str = arg(".", "rows' relative `path`s resolve under this folder")
     out: str = arg("out", "checkpoints, metrics.jsonl, rollouts.jsonl; the final model is saved here too")
     pretext_tasks: str = arg("rotate,arrow,shuffle,flip,puzzle",
@@ -94,7 +108,7 @@ class Args:
     num_generations: int = arg(8, "G: completions per prompt, one group per prompt")
     per_device_prompts: int = arg(1, "prompts per process per step (the paper: 1 on each of 8 GPUs)")
     temperature: float = arg(1.0, "sampling temperature of the rollout, also applied to the scored log-probs")
-    top_p: float = arg(1.0, "nucleus sampling: keep the most likely tokens up to this probability mass")
+    top_p: float = arg(0.95, "nucleus sampling: the most likely tokens up to this probability mass (the release's)")
     max_completion_length: int = arg(768, "new tokens per completion at most")
     prefix_sharing: bool = arg(True, "score each group as one sequence [prompt; c_1..c_G], the prompt computed once "
                                      "(G rows when off, or when the prompt is under 1/4 of the completion length)")
@@ -113,8 +127,10 @@ class Args:
     # media
     nframes: int | None = arg(None, "frames per clip (0: sample at 2 fps up to --max_frames)")
     max_frames: int = arg(32, "frame cap when sampling at 2 fps")
-    max_pixels: int = arg(128 * 28 * 28, "pixels per frame at most")
-    min_pixels: int = arg(4 * 28 * 28, "pixels per frame at least")
+    video_min_pixels: int = arg(128 * 28 * 28, "pixels per video frame at least (the release's training block)")
+    video_max_pixels: int = arg(128 * 28 * 28, "pixels per video frame at most (the release's training block)")
+    image_min_pixels: int = arg(4 * 28 * 28, "pixels per image at least")
+    image_max_pixels: int = arg(256 * 28 * 28, "pixels per image at most")
     # run
     max_steps: int = arg(1000, "training steps (one rollout each)")
     save_steps: int = arg(100, "checkpoint every N steps (the last step always saves)")
@@ -126,6 +142,8 @@ class Args:
     bf16: bool = arg(False, "bf16 compute; weights and AdamW state stay float32")
     max_bad_media: float = arg(0.2, "stop if more than this fraction of rows have unreadable media")
     max_nonfinite: int = arg(10, "stop after this many skipped non-finite updates")
+    report_to: str = arg("none", "also send every metrics row to TensorBoard (<out>/tensorboard) or Weights & "
+                         "Biases; the package is imported only then", ("none", "tensorboard", "wandb"))
 
 
 def parse_args(argv=None) -> Args:
@@ -158,6 +176,9 @@ def parse_args(argv=None) -> Args:
         p.error(f"--nframes {args.nframes}: the shuffle task needs a multiple of 4 (or drop it from --pretext_tasks)")
     if args.stage != "sft" and args.num_generations < 2:
         p.error("--num_generations must be at least 2: advantages compare completions within a group")
+    for kind in ("video", "image"):
+        if (lo := getattr(args, f"{kind}_min_pixels")) > (hi := getattr(args, f"{kind}_max_pixels")):
+            p.error(f"--{kind}_min_pixels {lo} is above --{kind}_max_pixels {hi}")
     return args
 
 
@@ -188,15 +209,16 @@ def setup_distributed() -> tuple[int, int, torch.device]:
 def shard(policy, bf16: bool, device: torch.device) -> None:
     """FSDP2: one unit per decoder layer and per vision block (the classes transformers marks as not to be
     split), plus the root (embeddings, lm_head, norms, patch embedding, merger). Parameters, gradients and
-    AdamW state are split across ranks; compute in bf16 with float32 master weights and reductions."""
+    AdamW state are split across ranks; compute in bf16 with float32 master weights and reductions.
+    `policy` is a Policy, or the model itself when it is called directly (a sharded teacher's generate)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else torch.float32, reduce_dtype=torch.float32)
-    blocks = set(policy.model._no_split_modules)  # e.g. Qwen2_5_VLDecoderLayer, Qwen2_5_VLVisionBlock
-    for module in list(policy.model.modules()):
-        if type(module).__name__ in blocks:
-            fully_shard(module, mesh=mesh, mp_policy=mp)
+    model = policy.model if isinstance(policy, Policy) else policy
+    blocks = set(model._no_split_modules)  # e.g. Qwen2_5_VLDecoderLayer, Qwen2_5_VLVisionBlock
+    for module in [m for m in model.modules() if type(m).__name__ in blocks] + [model.model.visual]:
+        fully_shard(module, mesh=mesh, mp_policy=mp)  # the vision tower too: generate() runs it outside forward
     fully_shard(policy, mesh=mesh, mp_policy=mp)
 
 
@@ -234,7 +256,7 @@ def all_gather(obj, world: int) -> list:
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".y4m", ".flv", ".m4v", ".mpg", ".mpeg")
+MAX_DECODE_PIXELS = 89_478_485  # Pillow's own limit (Image.MAX_IMAGE_PIXELS); larger images: see load_image
 
 
 def _round2(x: float) -> int:
@@ -293,8 +315,9 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 12
 
 
 def load_video(path: str, nframes: int | None = None, fps: float = 2.0, min_frames: int = 4,
-               max_frames: int = 16) -> tuple[torch.Tensor, float]:
-    """Decode a clip with decord -> (uint8 frames [T, 3, H, W], sampled fps = T / total · video_fps)."""
+               max_frames: int = 16) -> tuple[torch.Tensor, float, list[float]]:
+    """Decode a clip with decord -> (uint8 frames [T, 3, H, W], sampled fps = T / total · video_fps,
+    each sampled frame's time in the clip in seconds = index / video_fps)."""
     import decord  # imported here so that `import viss_r1` stays cheap
 
     if not os.path.isfile(path):
@@ -305,10 +328,11 @@ def load_video(path: str, nframes: int | None = None, fps: float = 2.0, min_fram
         if total < 1 or not video_fps > 0:
             raise ValueError(f"frames={total}, fps={video_fps}")
         n = smart_nframes(total, video_fps, fps, min_frames, max_frames, nframes)
-        frames = torch.from_numpy(vr.get_batch(frame_indices(total, n)).asnumpy())  # [T, H, W, 3] uint8 RGB
+        idx = frame_indices(total, n)
+        frames = torch.from_numpy(vr.get_batch(idx).asnumpy())  # [T, H, W, 3] uint8 RGB
     except (decord.DECORDError, RuntimeError, ValueError) as e:  # one message that names the file
         raise ValueError(f"unreadable video {path}: {str(e).strip().splitlines()[-1][:200]}") from None
-    return frames.permute(0, 3, 1, 2).contiguous(), n / total * video_fps  # [T, 3, H, W] uint8
+    return frames.permute(0, 3, 1, 2).contiguous(), n / total * video_fps, [i / video_fps for i in idx]
 
 
 def load_image(path: str) -> torch.Tensor:
@@ -319,8 +343,21 @@ def load_image(path: str) -> torch.Tensor:
         raise ImportError("image rows need Pillow (`pip install pillow`); video rows do not") from e
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image not found: {path}")
-    with Image.open(path) as im:
-        arr = np.asarray(im.convert("RGB"))  # [H, W, 3] uint8
+    try:
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # open reads the header only: size it first
+        try:
+            im = Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+        with im:
+            if im.width * im.height > MAX_DECODE_PIXELS:  # a crawl's giant: JPEG decodes at 1/8 scale directly
+                im.draft("RGB", (im.width // 8, im.height // 8))  # a no-op for formats without reduced decoding
+            if im.width * im.height > MAX_DECODE_PIXELS:
+                raise ValueError(f"{im.width}x{im.height} px exceed {MAX_DECODE_PIXELS:,} and {im.format} cannot "
+                                 f"be decoded at reduced size")
+            arr = np.asarray(im.convert("RGB"))  # [H, W, 3] uint8
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # every message names the file
+        raise ValueError(f"unreadable image {path}: {e}") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)[None]  # [1, 3, H, W]
 
 
@@ -392,6 +429,7 @@ class Media:
     frames: torch.Tensor  # uint8 [T, 3, H, W]; an image is T = 1
     kind: str  # "video" | "image"
     fps: float = 2.0  # sampled fps (videos)
+    times: list[float] | None = None  # seconds of each frame position in the source clip (Qwen3-VL's stamps)
 
 
 class MediaError(Exception):
@@ -403,8 +441,8 @@ def load_media(path: str, kind: str, nframes: int | None = None, max_frames: int
     Raises MediaError, naming the file, when it is missing, truncated or undecodable."""
     try:
         if kind == "video":
-            frames, fps = load_video(path, nframes=nframes, max_frames=max_frames)
-            return Media(frames, "video", fps)
+            frames, fps, times = load_video(path, nframes=nframes, max_frames=max_frames)
+            return Media(frames, "video", fps, times)
         return Media(load_image(path), "image")
     except (OSError, ValueError) as e:
         raise MediaError(str(e)) from None
@@ -413,7 +451,12 @@ def load_media(path: str, kind: str, nframes: int | None = None, max_frames: int
 def fit_media(media: Media, spec: VisionSpec, min_pixels: int, max_pixels: int) -> Media:
     """Resize every frame to smart_resize's grid (call after the pretext transform: rotation changes H, W)."""
     h, w = smart_resize(*media.frames.shape[-2:], factor=spec.factor, min_pixels=min_pixels, max_pixels=max_pixels)
-    return Media(resize_frames(media.frames, h, w), media.kind, media.fps)
+    return replace(media, frames=resize_frames(media.frames, h, w))
+
+
+def pixel_bounds(args, kind: str) -> tuple[int, int]:
+    """(min, max) pixels per frame for "video" or "image" rows, from --{video,image}_{min,max}_pixels."""
+    return getattr(args, f"{kind}_min_pixels"), getattr(args, f"{kind}_max_pixels")
 
 
 def vision_inputs(media: Media, spec: VisionSpec) -> dict:
@@ -434,16 +477,18 @@ def num_vision_tokens(grid: list[int], spec: VisionSpec) -> int:
     return t * h * w // spec.merge_size ** 2
 
 def prompt_ids(tokenizer, text: str, media: Media | None, spec: VisionSpec | None = None,
-               grid: list[int] | None = None) -> tuple[list[int], list[int]]:
-    """Token ids of a one-turn chat (media first, then text) and their mm_token_type_ids (0 text, 1 image, 2 video).
+               grid: list[int] | None = None, system: str | None = None) -> tuple[list[int], list[int]]:
+    """Token ids of a one-turn chat (media first, then text; an optional system message before it) and their
+    mm_token_type_ids (0 text, 1 image, 2 video).
 
     The tokenizer's own chat template renders one placeholder per medium; it is expanded here to one pad
     token per merged patch, as the HF processors do. Qwen3-VL instead splits a video into one block per
-    temporal patch, each preceded by its timestamp "<t seconds>" (taken here as frame index / sampled fps).
+    temporal patch, each preceded by its timestamp "<t seconds>" from the frames' times in the source clip.
     transformers builds 3-D M-RoPE positions only when mm_token_type_ids comes with the grids: pass both.
     """
     content = ([{"type": media.kind}] if media is not None else []) + [{"type": "text", "text": text}]
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+    chat = [{"role": "system", "content": system}] if system else []  # none by default (SPEC §3)
+    chat = tokenizer.apply_chat_template(chat + [{"role": "user", "content": content}], tokenize=False,
                                          add_generation_prompt=True)
     ids = tokenizer(chat, add_special_tokens=False)["input_ids"]
     if media is None:
@@ -458,10 +503,12 @@ def prompt_ids(tokenizer, text: str, media: Media | None, spec: VisionSpec | Non
         # one "<t seconds><|vision_start|>pads<|vision_end|>" block per temporal patch, replacing the template's
         # own start/pad/end triple; get_rope_index gives each contiguous run of video pads one temporal patch
         lo, hi = i - 1, i + 2
-        t, per_frame = grid[0], n // grid[0]
+        t, per_frame, tp = grid[0], n // grid[0], spec.temporal_patch_size
+        times = media.times or [k / media.fps for k in range(len(media.frames))]  # seconds of each frame position
+        times = times + times[-1:] * (-len(times) % tp)  # padded like the frames
         block, types = [], []
-        for k in range(t):  # timestamp of a temporal patch = mean time of its frames
-            stamp = (k * spec.temporal_patch_size + (spec.temporal_patch_size - 1) / 2) / media.fps
+        for k in range(t):  # a temporal patch is stamped with the mean time of its first and last frame
+            stamp = (times[k * tp] + times[k * tp + tp - 1]) / 2  # as Qwen3VLProcessor._calculate_timestamps
             words = tokenizer(f"<{stamp:.1f} seconds>", add_special_tokens=False)["input_ids"]
             block += words + [ids[lo]] + [pad] * per_frame + [ids[hi - 1]]
             types += [0] * (len(words) + 1) + [kind] * per_frame + [0]
@@ -477,7 +524,6 @@ def prompt_ids(tokenizer, text: str, media: Media | None, spec: VisionSpec | Non
 LETTERS = "ABCDEF"
 PAIRS = [(1, 2), (1, 3), (1, 4), (2, 3), (2, 4), (3, 4)]  # shuffle / puzzle options A..F (1-based parts)
 ROTATIONS = [0, 90, 180, 270]  # rotate options A..D, degrees counter-clockwise
-FLIPS = ["no flip", "horizontal flip (left-right)", "vertical flip (top-bottom)"]  # flip options A..C
 PRETEXT_TASKS = {"video": ("rotate", "arrow", "shuffle"), "image": ("rotate", "flip", "puzzle")}
 NUM_OPTIONS = {"rotate": 4, "arrow": 2, "shuffle": 6, "flip": 3, "puzzle": 6}
 ARROW_REVERSE_P = 0.55  # the release reverses a clip with probability 0.55
@@ -540,65 +586,139 @@ def sample_pretext(kind: str, tasks: tuple, rng: random.Random) -> tuple[str, in
     return task, rng.randrange(NUM_OPTIONS[task])
 
 
-def pretext_options(task: str, num_frames: int = 32) -> list[str]:
-    """The lettered options of a pretext question, e.g. ["A. 0 degrees (no rotation)", ...]."""
-    if task == "rotate":
-        texts = ["0 degrees (no rotation)", "90 degrees", "180 degrees", "270 degrees"]
-    elif task == "arrow":
-        texts = ["not reversed (original order)", "reversed"]
-    elif task == "shuffle":
-        g = num_frames // 4  # frame ranges named from the real frame count (departure 1)
-        span = [f"frames {i * g + 1}-{(i + 1) * g}" for i in range(4)]
-        texts = [f"group {a} ({span[a - 1]}) and group {b} ({span[b - 1]})" for a, b in PAIRS]
-    elif task == "flip":
-        texts = FLIPS
-    else:
-        names = ["top-left", "top-right", "bottom-left", "bottom-right"]
-        texts = [f"patch {a} ({names[a - 1]}) and patch {b} ({names[b - 1]})" for a, b in PAIRS]
-    return [f"{LETTERS[i]}. {t}" for i, t in enumerate(texts)]
+def frames_for_task(media: Media, task: str) -> Media:
+    """`shuffle` cuts a clip into 4 equal groups: a clip of T % 4 == 2 frames keeps an evenly spread 4·(T // 4)."""
+    T = len(media.frames)
+    if task != "shuffle" or T % 4 == 0:
+        return media
+    keep = frame_indices(T, T // 4 * 4)
+    return replace(media, frames=media.frames[keep], fps=media.fps * len(keep) / T,
+                   times=[media.times[i] for i in keep] if media.times else None)
 
 
-def pretext_question(task: str, num_frames: int = 32) -> str:
-    """One sentence stating the transformation task, then its lettered options (one per line)."""
+def pretext_question(task: str, num_frames: int = 32, templates: dict | None = None) -> str:
+    """The transformation question: one sentence stating the task, then its lettered options (one per line).
+
+    >>> print(pretext_question("arrow", 16))
+    This video may have been played backwards. Is its frame order reversed?
+    Options:
+    A. not reversed (original order)
+    B. reversed
+    """
     if task == "shuffle" and num_frames % 4:
         raise ValueError(f"shuffle needs a frame count divisible by 4, got {num_frames}")
-    g = num_frames // 4
-    stem = {
-        "rotate": ("Every frame of this video was" if num_frames > 1 else "This image was") + " rotated "
-                  "counter-clockwise by one of the angles below (0 degrees means no rotation). Which rotation was "
-                  "applied?",
-        "arrow": "This video may have been played backwards. Is its frame order reversed?",
-        "shuffle": f"The {num_frames} frames of this video were cut into four consecutive groups of {g} frames "
-                   f"and two of the groups swapped places. Which two groups were swapped?",
-        "flip": "This image may have been flipped. Which flip was applied?",
+    t, g = templates or PROMPTS, num_frames // 4  # frame ranges named from the real frame count (departure 1)
+    fields = dict(num_frames=num_frames, group_size=g, subject="Every frame of this video was" if num_frames > 1
+                  else "This image was", **{f"frames{k + 1}": f"frames {k * g + 1}-{(k + 1) * g}" for k in range(4)})
+    options = [f"{LETTERS[i]}. {o.format(**fields)}" for i, o in enumerate(t["pretext_options"][task])]
+    return t["pretext_question"][task].format(options="\n".join(options), **fields)
+
+# ---------------------------------------------------------------------------------------------------------
+# Prompts (SPEC §3): one user turn, media first, then text; no system prompt. Every sentence is a template
+# that a JSON file (--prompts) can replace, e.g. with the wording a released checkpoint was trained on.
+# ---------------------------------------------------------------------------------------------------------
+
+ANSWER_CONTRACT = ("Provide your detailed reasoning between the <think> </think> tags, and then give your final "
+                   "answer between the <answer> </answer> tags.")
+PROMPTS = {
+    # the three prompts (SPEC §3); sft_r1 / sft_viss default to r1 / viss (the release adds a system message)
+    "r1": "{question}\n{think}\n" + ANSWER_CONTRACT + "\n{type_instruction}",
+    "pretext": "{pretext_question}\n{focus}\n{think}\n" + ANSWER_CONTRACT + "\n{type_instruction}",
+    "viss": (
+        "The {media} you see has been transformed. Answer two progressive questions about it:\n"
+        "(1) Transformation Identification: which transformation was applied to the {media}?\n"
+        "(2) User Question: answer the question on the basis of the restored {media}, that is, the {media} "
+        "after undoing the transformation. Think even more deeply for this one.\n{think}\n"
+        "Write your reasoning between <think> </think>, then the letter of the transformation between "
+        "<transform> </transform>, then the answer to the user question between <answer> </answer>, "
+        "exactly like this:\n<think> ... </think>\n<transform> ... </transform>\n<answer> ... </answer>\n"
+        "Rules: reason from the visual input; put only the option letter inside <transform> </transform>; "
+        "{type_instruction}\nTransform question: {pretext_question}\nUser Question: {question}"),
+    "sft_r1": None,
+    "sft_viss": None,
+    # SSL-CoT annotation (the cold-start data): the teacher sees the transformed media and both true answers
+    "annotate": (
+        "The {media} you see was transformed by one of the operations in the transform question, and a user asked "
+        "a question about the original {media}.\nTransform question: {pretext_question}\nUser question: "
+        "{question}\nThe transformation applied is option {transform}; the answer to the user question is: "
+        "{answer}\nWrite the reasoning that a careful viewer would follow to reach exactly these two answers from "
+        "what is visible: first work out which transformation was applied and why, then undo it in your mind and "
+        "answer the user question about the restored {media}, citing concrete visual evidence. Never say or imply "
+        "that the answers were given to you: reason as if you found them yourself.\nReply in exactly this format "
+        "and nothing else:\n<think> your reasoning </think>\n<transform>{transform}</transform>\n"
+        "<answer>{answer}</answer>"),
+    # the pieces the prompts are made of
+    "think": ("Please think about this question as a person would while working it out in their head: hold an "
+              "inner dialogue, use phrases such as \"let me think\", \"wait\", \"Hmm\", \"oh, I see\", \"let's "
+              "break it down\", and question and check your own steps before you settle on an answer."),
+    "type_instruction": {
+        "multiple choice": "Please give only the single option letter (e.g., A, B, C, D) within the <answer> "
+                           "</answer> tags.",
+        "numerical": "Please give the numerical value (e.g., 42 or 3.14) within the <answer> </answer> tags.",
+        "regression": "Please give the numerical value (e.g., 42 or 3.14) within the <answer> </answer> tags.",
+        "OCR": "Please transcribe the text within the <answer> </answer> tags.",
+        "free-form": "Please give your text answer within the <answer> </answer> tags."},
+    "focus": {
+        "rotate": "Look at spatial cues such as the direction of gravity, the horizon, text and upright objects.",
+        "flip": "Look at spatial cues such as text direction, handedness and the position of the sky and ground.",
+        "puzzle": "Look at spatial cues: edges, lines and objects that should continue across patch borders.",
+        "arrow": "Look at the temporal order: whether the motion and causality run forwards or backwards in time.",
+        "shuffle": "Look at temporal continuity: where the motion jumps between groups of frames."},
+    "pretext_question": {  # {options}: the lettered options, one per line
+        "rotate": "{subject} rotated counter-clockwise by one of the angles below (0 degrees means no rotation). "
+                  "Which rotation was applied?\nOptions:\n{options}",
+        "arrow": "This video may have been played backwards. Is its frame order reversed?\nOptions:\n{options}",
+        "shuffle": "The {num_frames} frames of this video were cut into four consecutive groups of {group_size} "
+                   "frames and two of the groups swapped places. Which two groups were swapped?\nOptions:\n{options}",
+        "flip": "This image may have been flipped. Which flip was applied?\nOptions:\n{options}",
         "puzzle": "This image was cut into a 2x2 grid of patches (1 top-left, 2 top-right, 3 bottom-left, "
-                  "4 bottom-right) and two patches swapped places. Which two patches were swapped?",
-    }[task]
-    return stem + "\nOptions:\n" + "\n".join(pretext_options(task, num_frames))
-
-# ---------------------------------------------------------------------------------------------------------
-# Prompts (SPEC §3): one user turn, media first, then text; no system prompt
-# ---------------------------------------------------------------------------------------------------------
-
-THINK_PARAGRAPH = (
-    "Please think about this question as a person would while working it out in their head: hold an inner "
-    "dialogue, use phrases such as \"let me think\", \"wait\", \"Hmm\", \"oh, I see\", \"let's break it "
-    "down\", and question and check your own steps before you settle on an answer."
-)
-TYPE_INSTRUCTION = {
-    "multiple choice": "Please give only the single option letter (e.g., A, B, C, D) within the <answer> </answer> tags.",
-    "numerical": "Please give the numerical value (e.g., 42 or 3.14) within the <answer> </answer> tags.",
-    "regression": "Please give the numerical value (e.g., 42 or 3.14) within the <answer> </answer> tags.",
-    "OCR": "Please transcribe the text within the <answer> </answer> tags.",
-    "free-form": "Please give your text answer within the <answer> </answer> tags.",
+                  "4 bottom-right) and two patches swapped places. Which two patches were swapped?\nOptions:\n{options}"},
+    "pretext_options": {  # option texts in letter order (SPEC §2); the letters are added
+        "rotate": ["0 degrees (no rotation)", "90 degrees", "180 degrees", "270 degrees"],
+        "arrow": ["not reversed (original order)", "reversed"],
+        "shuffle": [f"group {a} ({{frames{a}}}) and group {b} ({{frames{b}}})" for a, b in PAIRS],
+        "flip": ["no flip", "horizontal flip (left-right)", "vertical flip (top-bottom)"],
+        "puzzle": [f"patch {a} ({n[a - 1]}) and patch {b} ({n[b - 1]})" for a, b in PAIRS
+                   for n in [["top-left", "top-right", "bottom-left", "bottom-right"]]]},
 }
-PRETEXT_FOCUS = {
-    "rotate": "Look at spatial cues such as the direction of gravity, the horizon, text and upright objects.",
-    "flip": "Look at spatial cues such as text direction, handedness and the position of the sky and ground.",
-    "puzzle": "Look at spatial cues: edges, lines and objects that should continue across patch borders.",
-    "arrow": "Look at the temporal order: whether the motion and causality run forwards or backwards in time.",
-    "shuffle": "Look at temporal continuity: where the motion jumps between groups of frames.",
-}
+# the fields each prompt may use (a template file is checked against them before step one)
+PROMPT_FIELDS = {"r1": {"question", "problem", "options", "type_instruction", "think", "media"},
+                 "pretext": {"pretext_question", "focus", "think", "type_instruction", "media", "num_frames"}}
+PROMPT_FIELDS["viss"] = PROMPT_FIELDS["r1"] | PROMPT_FIELDS["pretext"]
+PROMPT_FIELDS.update(sft_r1=PROMPT_FIELDS["r1"], sft_viss=PROMPT_FIELDS["viss"],
+                     annotate=PROMPT_FIELDS["viss"] | {"transform", "answer"})
+
+
+@functools.lru_cache(maxsize=8)  # read once per run; every sample asks
+def load_prompts(path: str = "") -> dict:
+    """The prompt templates: PROMPTS, each key replaced by the same key of the JSON file `path` (if given).
+    A prompt is a string (the user turn) or {"system": ..., "user": ...}; tables replace entries one by one."""
+    import string
+    if not path:
+        return PROMPTS
+    try:
+        with open(path) as f:
+            new = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"--prompts {path}: {e}") from None
+    out = {**PROMPTS}
+    for key, val in (new.items() if isinstance(new, dict) else [(None, None)]):
+        if key not in PROMPTS:
+            raise DataError(f"--prompts {path}: unknown key {key!r} (known: {', '.join(PROMPTS)})")
+        if isinstance(PROMPTS[key], dict):  # a table: replace entries, check each one's key
+            if not isinstance(val, dict) or set(val) - set(PROMPTS[key]):
+                raise DataError(f"--prompts {path}: {key} must map some of {list(PROMPTS[key])} to texts")
+            out[key] = {**PROMPTS[key], **val}
+            continue
+        parts = val if isinstance(val, dict) else {"user": val}
+        if set(parts) - {"system", "user"} or not all(isinstance(v, str) for v in parts.values()):
+            raise DataError(f"--prompts {path}: {key} must be a string or {{\"system\": str, \"user\": str}}")
+        used = {f for text in parts.values() for _, f, _, _ in string.Formatter().parse(text) if f}
+        if bad := used - PROMPT_FIELDS.get(key, set()):
+            raise DataError(f"--prompts {path}: {key} uses unknown field(s) {sorted(bad)}; it may use "
+                            f"{sorted(PROMPT_FIELDS.get(key, ()))}")
+        out[key] = parts
+    return out
 
 
 def user_question(row: dict) -> str:
@@ -608,37 +728,37 @@ def user_question(row: dict) -> str:
     return row["problem"]
 
 
+def render_prompt(kind: str, row: dict | None = None, task: str | None = None, num_frames: int = 32,
+                  templates: dict | None = None, **extra) -> tuple[str | None, str]:
+    """(system message or None, user text) of prompt `kind` (r1 | pretext | viss | sft_r1 | sft_viss | annotate);
+    `extra` fields: the annotation prompt's true `transform` letter and `answer`."""
+    t = templates or PROMPTS
+    prompt = t[kind] if t.get(kind) is not None else t[kind.removeprefix("sft_")]
+    prompt = prompt if isinstance(prompt, dict) else {"user": prompt}
+    ptype = row["problem_type"] if row is not None and kind != "pretext" else "multiple choice"
+    fields = dict(think=t["think"], type_instruction=t["type_instruction"][ptype], num_frames=num_frames,
+                  media=row["data_type"] if row else "video" if num_frames > 1 else "image")
+    if row is not None:
+        fields.update(question=user_question(row), problem=row["problem"], options="\n".join(row.get("options", [])))
+    if task is not None:
+        fields.update(pretext_question=pretext_question(task, num_frames, t), focus=t["focus"][task])
+    fields.update(extra)
+    return (prompt["system"].format(**fields) if prompt.get("system") else None), prompt["user"].format(**fields)
+
+
 def r1_prompt(row: dict) -> str:
     """Video-R1's prompt: question, inner-dialogue paragraph, <think>/<answer> contract, type instruction."""
-    return (f"{user_question(row)}\n{THINK_PARAGRAPH}\nProvide your detailed reasoning between the <think> "
-            f"</think> tags, and then give your final answer between the <answer> </answer> tags.\n"
-            f"{TYPE_INSTRUCTION[row['problem_type']]}")
+    return render_prompt("r1", row)[1]
 
 
 def pretext_prompt(task: str, num_frames: int) -> str:
     """Pretext-GRPO prompt: the pretext question, a focus hint, and the multiple-choice answer contract."""
-    return (f"{pretext_question(task, num_frames)}\n{PRETEXT_FOCUS[task]}\n{THINK_PARAGRAPH}\nProvide your "
-            f"detailed reasoning between the <think> </think> tags, and then give your final answer between "
-            f"the <answer> </answer> tags.\n{TYPE_INSTRUCTION['multiple choice']}")
+    return render_prompt("pretext", task=task, num_frames=num_frames)[1]
 
 
 def viss_prompt(row: dict, task: str, num_frames: int) -> str:
     """ViSS-R1 prompt: transformed-media header, two progressive questions, 3-tag output contract."""
-    media = "video" if row["data_type"] == "video" else "image"
-    return (
-        f"The {media} you see has been transformed. Answer two progressive questions about it:\n"
-        f"(1) Transformation Identification: which transformation was applied to the {media}?\n"
-        f"(2) User Question: answer the question on the basis of the restored {media}, that is, the {media} "
-        f"after undoing the transformation. Think even more deeply for this one.\n"
-        f"{THINK_PARAGRAPH}\n"
-        f"Write your reasoning between <think> </think>, then the letter of the transformation between "
-        f"<transform> </transform>, then the answer to the user question between <answer> </answer>, "
-        f"exactly like this:\n<think> ... </think>\n<transform> ... </transform>\n<answer> ... </answer>\n"
-        f"Rules: reason from the visual input; put only the option letter inside <transform> </transform>; "
-        f"{TYPE_INSTRUCTION[row['problem_type']]}\n"
-        f"Transform question: {pretext_question(task, num_frames)}\n"
-        f"User Question: {user_question(row)}"
-    )
+    return render_prompt("viss", row, task, num_frames)[1]
 
 # ---------------------------------------------------------------------------------------------------------
 # Rewards (SPEC §4): completion text -> float, all pure functions
@@ -766,23 +886,23 @@ def temporal_bonus(acc_ordered: list[float], acc_shuffled: list[float]) -> list[
     return [0.3 if a > 0.1 else 0.0 for a in acc_ordered]
 
 
-MRA_TOLERANCES = tuple(round(0.05 * k, 2) for k in range(10, 0, -1))  # 1 - θ for θ = 0.50, 0.55, ..., 0.95
-
-
 def mean_relative_accuracy(pred, gt) -> float:
-    """VSI-Bench's regression score (SPEC §8): mean over θ in {0.50, ..., 0.95} of 1[|pred - gt| / (|gt| + 1e-8) < 1 - θ].
+    """VSI-Bench's regression score (SPEC §8): mean over θ in {0.50, ..., 0.95} of 1[|pred - gt| / (|gt| + 1e-8) < 1 - θ],
+    computed as the release's evaluation does, in float32 tensors (the paper's VSI-Bench figures come from it):
+    the 1e-8 vanishes in float32 and an error of exactly 1 - θ falls outside bin θ (gt 10: 12 scores 0.6, 15
+    scores 0). The result is the float32 mean, as the release's `.item()` returns it.
 
-    pred, gt: numbers or strings ("1,000" reads 1000); unparseable -> 0. The 1e-8 puts an error of exactly
-    1 - θ inside bin θ: 11 for 10 scores 0.9, 15 for 10 scores 0.1.
-    >>> mean_relative_accuracy("10.7", 10)   # 7% off: within every tolerance but 5%
+    pred, gt: numbers or strings ("1,000" reads 1000); unparseable -> 0.
+    >>> round(mean_relative_accuracy("10.7", 10), 6)   # 7% off: within every tolerance but 5%
     0.9
     """
     try:
-        p, g = (float(str(x).replace(",", "")) for x in (pred, gt))
+        p, g = (torch.tensor(float(str(x).replace(",", "")), dtype=torch.float32) for x in (pred, gt))
     except ValueError:
         return 0.0
-    rel = abs(p - g) / (abs(g) + 1e-8)  # nan compares False: 0
-    return sum(rel < tol for tol in MRA_TOLERANCES) / len(MRA_TOLERANCES)
+    rel = (p - g).abs() / (g.abs() + 1e-8)  # nan compares False: 0
+    thresholds = torch.arange(0.5, 0.95 + 0.025, 0.05, dtype=torch.float32)  # 0.50, 0.55, ..., 0.95
+    return (rel < 1 - thresholds).float().mean().item()
 
 
 def group_rewards(completions: list[str], lengths: list[int], solution: str, problem_type: str,
@@ -804,6 +924,28 @@ def group_rewards(completions: list[str], lengths: list[int], solution: str, pro
         parts["temporal"] = temporal_bonus(parts["accuracy"], acc_shuffled)
     totals = [sum(vals) for vals in zip(*parts.values())]
     return totals, parts
+
+LEAK = re.compile(r"ground[\s-]*truth|reference (?:answer|letter)|(?:given|provided|supplied) (?:answer|letter|label|"
+                  r"transformation)|answer key|(?:was|were|been|is|are) (?:given|provided|told|supplied) (?:to me|the)",
+                  re.IGNORECASE)
+
+
+def annotation_verdict(completion: str, letter: str, solution: str, problem_type: str,
+                       min_accuracy: float = 0.6) -> str | None:
+    """Why a teacher's SSL-CoT chain is dropped, or None to keep it: the 3-tag format, the applied transform
+    letter, a right answer (multiple choice and numerical exactly; OCR, free-form and regression at least
+    `min_accuracy`), and no mention of having been given the answers. Stricter than the release, which keeps
+    the teacher's own letter even when it is wrong: such a row would teach the student a wrong label."""
+    if not format_reward(completion, with_transform=True):
+        return "format"
+    if extract_tag(completion, "transform") != letter:
+        return "transform"
+    need = 1.0 if problem_type in ("multiple choice", "numerical") else min_accuracy
+    if accuracy_reward(completion, solution, problem_type) < need:
+        return "answer"
+    if LEAK.search(extract_tag(completion, "think")):
+        return "leak"
+    return None
 
 # ---------------------------------------------------------------------------------------------------------
 # GRPO math (SPEC §5): advantages, memory-safe token log-probs, clipped loss with k3 KL
@@ -965,6 +1107,8 @@ def validate_row(row, index: int, source: str) -> None:
             bad(f"trans_opt {task!r} is not a {row['data_type']} pretext task")
         if len(ans) != 1 or LETTERS.find(ans) not in range(NUM_OPTIONS[task]):
             bad(f"trans_ans {ans!r} is not an option letter of {task}")
+        if not isinstance(row.get("nframes", 2), int) or row.get("nframes", 2) < 2:
+            bad(f"nframes {row['nframes']!r} is not a frame count (at least 2)")
 
 
 def load_rows(path: str) -> list[dict]:
@@ -1018,41 +1162,47 @@ class Sample:
 
 
 def make_sample(row: dict, args: Args, spec: VisionSpec, tokenizer, rng: random.Random) -> Sample:
-    """Load a row's media and build everything one rollout needs. Raises on unreadable media (callers skip)."""
+    """Load a row's media and build everything one rollout needs. Raises MediaError on unreadable media or a clip
+    too short for every enabled task (callers skip and count the row)."""
     mode, kind = STAGES[args.stage]["prompt"], row["data_type"]
-    media = load_media(resolve_path(row["path"], args.media_root), kind, args.nframes or None, args.max_frames)
+    path = resolve_path(row["path"], args.media_root)
+    replay = row if mode == "sft" else {}  # an SSL-CoT row stores the frame count and size its teacher saw
+    nframes, bounds = replay.get("nframes", args.nframes), pixel_bounds(args, kind)
+    bounds = (replay.get(f"{kind}_min_pixels", bounds[0]), replay.get(f"{kind}_max_pixels", bounds[1]))
+    media = load_media(path, kind, nframes or None, args.max_frames)
     task = option = None
     if mode == "sft" and "trans_opt" in row:  # ViSS SFT rows replay their stored transform deterministically
         task, option = row["trans_opt"], LETTERS.index(row["trans_ans"])
-    elif mode in ("pretext", "viss"):
-        task, option = sample_pretext(kind, tuple(args.pretext_tasks.split(",")), rng)
+    elif mode in ("pretext", "viss"):  # shuffle needs 4 groups of frames: not drawn for a clip of 2
+        tasks = tuple(t for t in args.pretext_tasks.split(",") if t != "shuffle" or len(media.frames) >= 4)
+        if not set(tasks) & set(PRETEXT_TASKS[kind]):
+            raise MediaError(f"{path}: {len(media.frames)} frames, too few for every enabled --pretext_tasks")
+        task, option = sample_pretext(kind, tasks, rng)
     if task is not None:
-        media = Media(apply_pretext(media.frames, task, option), kind, media.fps)
+        media = frames_for_task(media, task)
+        media = replace(media, frames=apply_pretext(media.frames, task, option))
     shuffled = None
     if args.temporal and mode == "r1" and kind == "video":  # T-GRPO: a random permutation of the frames
         perm = list(range(media.frames.shape[0]))
         rng.shuffle(perm)
-        shuffled = Media(media.frames[perm], kind, media.fps)
-    media = fit_media(media, spec, args.min_pixels, args.max_pixels)
+        shuffled = replace(media, frames=media.frames[perm])
+    media = fit_media(media, spec, *bounds)
     vis = vision_inputs(media, spec)
     grid = vis["video_grid_thw" if kind == "video" else "image_grid_thw"][0].tolist()
-    num_frames = media.frames.shape[0]
-    solution, target = row["solution"], None
+    num_frames, templates = media.frames.shape[0], load_prompts(args.prompts)
+    solution, ptype, target = row["solution"], row["problem_type"], None
     if mode == "pretext":
-        text, solution, ptype = pretext_prompt(task, num_frames), f"<answer>{LETTERS[option]}</answer>", "multiple choice"
-    elif mode == "viss" or (mode == "sft" and task is not None):
-        text, ptype = viss_prompt(row, task, num_frames), row["problem_type"]
-        if mode == "sft":
-            target = f"{row['process']}<transform>{LETTERS[option]}</transform>{row['solution']}"
-    else:
-        text, ptype = r1_prompt(row), row["problem_type"]
-        if mode == "sft":
-            target = f"{row['process']}{row['solution']}"
+        solution, ptype = f"<answer>{LETTERS[option]}</answer>", "multiple choice"
     if mode == "sft" and "process" not in row:
         raise DataError(f"{args.data}: SFT rows need a `process` field (<think>...</think>): {row.get('problem_id')}")
-    ids, types = prompt_ids(tokenizer, text, media, spec, grid)
+    if mode == "sft":  # the release's SFT target: the parts joined by newlines
+        middle = [f"<transform>{LETTERS[option]}</transform>"] if task is not None else []
+        target = "\n".join([row["process"], *middle, row["solution"]])
+    kind_of_prompt = {"sft": "sft_viss" if task is not None else "sft_r1"}.get(mode, mode)
+    system, text = render_prompt(kind_of_prompt, row, task, num_frames, templates)
+    ids, types = prompt_ids(tokenizer, text, media, spec, grid, system)
     if shuffled is not None:
-        shuffled = vision_inputs(fit_media(shuffled, spec, args.min_pixels, args.max_pixels), spec)
+        shuffled = vision_inputs(fit_media(shuffled, spec, *bounds), spec)
     return Sample(row, mode, ids, types, vis, solution, ptype, task, option, target, shuffled)
 
 
@@ -1062,15 +1212,17 @@ class RowStream:
 
     def __init__(self, rows: list[dict], seed: int, rank: int = 0, world: int = 1, cursor: int = 0):
         self.rows, self.seed, self.rank, self.world, self.cursor = rows, seed, rank, world, cursor
+        self.epoch, self.order = None, []
 
     def next(self) -> tuple[int, int, dict]:
         """-> (global position, row index, row)."""
         pos = self.cursor * self.world + self.rank
         epoch, i = divmod(pos, len(self.rows))
-        order = list(range(len(self.rows)))
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        if self.epoch != epoch:  # one permutation per epoch (not per row: 260k rows)
+            self.epoch, self.order = epoch, list(range(len(self.rows)))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(self.order)
         self.cursor += 1
-        return pos, order[i], self.rows[order[i]]
+        return pos, self.order[i], self.rows[self.order[i]]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1257,6 +1409,34 @@ def sample_group(policy: Policy, sample: Sample, G: int, max_new_tokens: int, te
     return torch.stack(tokens, 1), torch.stack(logps, 1)
 
 
+@torch.no_grad()
+def generate_batch(model, samples: list[Sample], eos_ids: list[int], pad_id: int, suppress: list[int],
+                   max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                   synced_gpus: bool = False) -> torch.Tensor:
+    """Completions of B prompts in one `generate` call -> new tokens [B, <= max_new_tokens]: greedy at temperature 0
+    (evaluation), else sampled at exactly `temperature` and `top_p` (every parameter is passed, so a checkpoint's
+    generation_config.json cannot add its own). `synced_gpus`: a teacher sharded with FSDP2 steps all ranks alike.
+
+    input_ids, mm_token_type_ids, attention_mask [B, L] are padded on the left, so every prompt ends where decoding
+    starts (get_rope_index skips the masked pads); the clips' pixel rows, grids and second_per_grid_ts are
+    concatenated in batch order, the order in which the model hands them to the placeholder runs.
+    """
+    L, dev = max(len(s.ids) for s in samples), model.device
+    left = lambda fill, seq: [fill] * (L - len(seq)) + seq  # noqa: E731
+    ids = torch.tensor([left(pad_id, s.ids) for s in samples], device=dev)
+    types = torch.tensor([left(0, s.types) for s in samples], device=dev)
+    mask = torch.tensor([left(0, [1] * len(s.ids)) for s in samples], device=dev)
+    vis = {k: torch.cat([s.vis[k] for s in samples if k in s.vis]).to(dev) for k in
+           ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+           if any(k in s.vis for s in samples)}
+    how = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else \
+        dict(do_sample=False, temperature=None, top_p=None)
+    out = model.generate(input_ids=ids, attention_mask=mask, mm_token_type_ids=types, **vis, **how, top_k=None,
+                         repetition_penalty=None, suppress_tokens=suppress, max_new_tokens=max_new_tokens,
+                         eos_token_id=eos_ids, pad_token_id=pad_id, synced_gpus=synced_gpus)
+    return out[:, L:]
+
+
 def sequence_logprobs(policy: Policy, sample: Sample, completion: torch.Tensor, temperature: float,
                       bias: torch.Tensor | None, shared: bool = True) -> torch.Tensor:
     """Scoring forward: log-probs [G, C] of `completion` [G, C] after the prompt, with the same vision inputs,
@@ -1338,10 +1518,26 @@ def save_checkpoint(args: Args, step: int, policy, tokenizer, processor, spec, o
         os.replace(tmp, dst)
         for old in sorted(d for d in os.listdir(args.out) if re.fullmatch(r"step-\d{6}", d))[:-args.save_total_limit]:
             shutil.rmtree(os.path.join(args.out, old), ignore_errors=True)
-        if step == args.max_steps:  # the output directory itself is a loadable checkpoint
-            save_hf(args.out, policy.model, tokenizer, processor, spec, state_dict=full)
     if world > 1:
         torch.distributed.barrier()
+
+
+def final_is_complete(out: str, ckpt: str) -> bool:
+    """--out holds the final model iff its meta.json (copied last) equals the last checkpoint's."""
+    paths = [os.path.join(d, "meta.json") for d in (out, ckpt)]
+    return all(os.path.isfile(p) for p in paths) and open(paths[0]).read() == open(paths[1]).read()
+
+
+def publish_final(out: str, ckpt: str) -> None:
+    """Copy the last checkpoint's HF files into --out itself, each written beside and renamed, meta.json last:
+    a kill part-way leaves no meta.json there, and the next start (--resume) copies again."""
+    import shutil
+    if os.path.exists(os.path.join(out, "meta.json")):
+        os.remove(os.path.join(out, "meta.json"))
+    names = sorted(n for n in os.listdir(ckpt) if os.path.isfile(os.path.join(ckpt, n)) and n != "scheduler.pt")
+    for name in sorted(names, key=lambda n: n == "meta.json"):  # meta.json last: it marks a complete copy
+        shutil.copyfile(os.path.join(ckpt, name), os.path.join(out, ".tmp-" + name))
+        os.replace(os.path.join(out, ".tmp-" + name), os.path.join(out, name))
 
 
 def load_optimizer(path: str, policy, optimizer) -> None:
@@ -1358,19 +1554,26 @@ def load_optimizer(path: str, policy, optimizer) -> None:
 # Training loop: sample prompts -> transform -> rollout -> reward -> advantages -> log-probs -> step -> log
 # ---------------------------------------------------------------------------------------------------------
 
-def load_model(path: str, args: Args, device, world: int, trainable: bool = True):
-    """A Policy on `device` (sharded with FSDP2 under torchrun), plus tokenizer, processor and VisionSpec."""
-    from transformers import AutoModelForImageTextToText, AutoTokenizer
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+def make_policy(model, args: Args, device, world: int, trainable: bool = True) -> Policy:
+    """Checkpointing (trainable models), the Policy wrapper, FSDP2 shards under torchrun (else the device), frozen
+    for a reference. dry_run.py builds the same policy from a config on fake tensors."""
     if args.gradient_checkpointing and trainable:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = Policy(model)
     if world > 1:
         shard(policy, args.bf16, device)  # FSDP2 places each shard on `device`
-    else:
+    elif device.type != "cpu":  # weights are built on the CPU
         policy.to(device)
     if not trainable:
         policy.eval().requires_grad_(False)
+    return policy
+
+
+def load_model(path: str, args: Args, device, world: int, trainable: bool = True):
+    """A Policy on `device` (sharded with FSDP2 under torchrun), plus tokenizer, processor and VisionSpec."""
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+    policy = make_policy(model, args, device, world, trainable)
     tokenizer = AutoTokenizer.from_pretrained(path)
     processor = None
     try:  # the processor classes need torchvision; without it save_hf writes the preprocessor fields itself
@@ -1455,7 +1658,13 @@ def train(args: Args) -> dict:
 
     rank, world, device = setup_distributed()
     torch.manual_seed(args.seed + rank)
-    rows = load_rows(args.data)  # every row validated before step one
+    rows = load_rows(args.data)  # every row, the prompt file and the task choice validated before step one
+    load_prompts(args.prompts)
+    if args.stage in ("pretext", "viss"):
+        for kind in sorted({r["data_type"] for r in rows}):
+            if not set(args.pretext_tasks.split(",")) & set(PRETEXT_TASKS[kind]):
+                raise DataError(f"{args.data} has {kind} rows, but --pretext_tasks {args.pretext_tasks} enables no "
+                                f"{kind} task ({', '.join(PRETEXT_TASKS[kind])})")
     os.makedirs(args.out, exist_ok=True)
     resume = latest_checkpoint(args.out)
     if resume and not args.resume:  # never overwrite a run by accident
@@ -1489,6 +1698,7 @@ def train(args: Args) -> dict:
             kept = [line for line in open(path)] if resume and os.path.exists(path) else []
             with open(path, "w") as f:
                 f.writelines(line for line in kept if json.loads(line)["step"] <= meta["step"])
+    report = reporter(args) if rank == 0 else None
     bar = tqdm(total=args.max_steps, initial=meta["step"], desc=args.stage, dynamic_ncols=True, disable=rank != 0)
     m, t_start, step0 = {}, time.time(), meta["step"]
     for step in range(meta["step"] + 1, args.max_steps + 1):
@@ -1533,16 +1743,19 @@ def train(args: Args) -> dict:
                     loss, stats = grpo_loss(logp, old if old is not None else logp.detach(), adv, mask, ref_lp,
                                             args.beta, args.epsilon, args.epsilon_high, args.loss_type,
                                             args.max_completion_length)
-            if not all(all_gather(bool(torch.isfinite(loss)), world)):  # every rank skips together
+            grad_norm = float("nan")
+            if all(all_gather(bool(torch.isfinite(loss)), world)):  # every rank takes the same branch
+                loss.backward()  # FSDP2 reduce-scatters (averages) gradients across ranks here
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+            if all(all_gather(math.isfinite(grad_norm), world)):
+                optimizer.step()
+            else:  # a non-finite loss or gradient never reaches the weights; counted, and the schedule advances
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")  # skipping is intended
                 counters["nonfinite"] += 1
-                print0(f"step {step}: non-finite loss, update skipped ({counters['nonfinite']} so far)")
+                print0(f"step {step}: non-finite loss or gradient, update skipped ({counters['nonfinite']} so far)")
                 if counters["nonfinite"] > args.max_nonfinite:
-                    raise RuntimeError(f"{counters['nonfinite']} non-finite losses (limit --max_nonfinite)")
-                continue
-            loss.backward()  # FSDP2 reduce-scatters (averages) gradients across ranks here
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-            grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
-            optimizer.step()
+                    raise RuntimeError(f"{counters['nonfinite']} non-finite updates (limit --max_nonfinite)")
             scheduler.step()
         t_step = time.time() - t0
         # ---- log: gather every rank's numbers; rank 0 prints one status line and appends metrics.jsonl
@@ -1555,6 +1768,7 @@ def train(args: Args) -> dict:
         if rank == 0:
             m = log_step(args, step, everyone, grad_norm, scheduler.get_last_lr()[0], t_rollout, t_step, sft,
                          R_all if not sft else None)
+            report(m)
             eta = (time.time() - t_start) / (step - step0) * (args.max_steps - step)
             bar.write(status_line(m, args.max_steps, sft) + f" | eta {eta / 60:.1f}m")
             bar.update(1)
@@ -1562,6 +1776,11 @@ def train(args: Args) -> dict:
         if step % args.save_steps == 0 or step == args.max_steps:
             save_checkpoint(args, step, policy, tokenizer, processor, spec, optimizer, scheduler, meta, rank, world)
     bar.close()
+    last = latest_checkpoint(args.out)  # --out itself becomes the final model (again, if a kill interrupted it)
+    if rank == 0 and last and last.endswith(f"step-{args.max_steps:06d}") and not final_is_complete(args.out, last):
+        publish_final(args.out, last)
+    if world > 1:
+        torch.distributed.barrier()
     return m
 
 
@@ -1601,6 +1820,27 @@ def log_step(args, step, everyone, grad_norm, lr, t_rollout, t_step, sft, R) -> 
               f"{extract_tag(solution)!r}\n  completion: {t[:300]!r}\n  parsed: answer {extract_tag(t)!r} transform "
               f"{extract_tag(t, 'transform')!r} reward {R[0].item():.2f}", flush=True)
     return m
+
+
+def reporter(args: Args):
+    """--report_to: a function that sends one metrics row where people already look at runs. TensorBoard and
+    wandb are imported only when asked for: neither is a requirement."""
+    if args.report_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+        writer = SummaryWriter(os.path.join(args.out, "tensorboard"))
+
+        def send(m):
+            for k, v in m.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    writer.add_scalar(k, v, m["step"])
+            writer.flush()
+        return send
+    if args.report_to == "wandb":
+        import wandb
+        run = wandb.init(project="viss-r1", name=os.path.basename(os.path.abspath(args.out)), dir=args.out,
+                         config=vars(args), resume="allow")
+        return lambda m: run.log(m, step=m["step"])
+    return lambda m: None
 
 
 def status_line(m: dict, max_steps: int, sft: bool) -> str:
