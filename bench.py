@@ -303,7 +303,8 @@ ROW = {"problem_id": 0, "problem": "What does the person do after opening the do
 
 def step_args(p: Preset, frames: int, G: int, N: int, shared: bool, media_root: str) -> V.Args:
     """train()'s configuration for the bench row: the grpo stage (Video-R1 prompt, beta 0.04), this clip size."""
-    return V.parse_args(["--stage", "grpo", "--media_root", media_root, "--nframes", str(frames), "--max_pixels",
+    return V.parse_args(["--stage", "grpo", "--media_root", media_root, "--nframes", str(frames),
+                         "--video_min_pixels", str(min(4 * 28 * 28, p.max_pixels)), "--video_max_pixels",
                          str(p.max_pixels), "--num_generations", str(G), "--max_completion_length", str(N),
                          "--top_p", str(p.top_p), "--prefix_sharing" if shared else "--no-prefix_sharing"])
 

@@ -425,7 +425,11 @@ class Decoding:
                 cache.update(grow(layer.keys), grow(layer.values), i)  # [G, kv, P, d] -> [G, kv, P + C - 2, d]
 
     def __call__(self, logp: torch.Tensor, top_p: float, generator) -> torch.Tensor:
-        self.sample_token(logp, top_p, generator)
+        from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+        try:
+            self.sample_token(logp, top_p, generator)
+        except GuardOnDataDependentSymNode:  # fake tensors: the sort-free sampler stops at its accept/reject test,
+            pass  # after its first round, which holds its peak (probabilities, float64 CDF, the mass test)
         self.draws += 1
         token = self.eos if not self.full and self.draws == 2 else self.filler
         return torch.full((logp.shape[0],), token, dtype=torch.long, device=logp.device)

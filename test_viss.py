@@ -992,27 +992,31 @@ def test_num_iterations_reuses_the_rollout_and_clips(demo, sft_ckpt, tmp_path):
     assert all(m["clip_ratio/region_mean"] <= 1 for m in ms)
 
 
-def test_prefix_sharing_leaves_loss_kl_and_clipping_unchanged(demo, sft_ckpt, tmp_path):
+def varied_rewards(texts, lengths, *args, **kwargs):
+    """Rewards that differ within a group whatever a tiny model writes (the sum of the characters' codes mod 3):
+    the tests of the scoring paths need non-zero advantages, not a model that answers well."""
+    r = [float(sum(map(ord, t)) % 3) for t in texts]
+    return r, {"varied": r}
+
+
+def test_prefix_sharing_leaves_loss_kl_and_clipping_unchanged(demo, sft_ckpt, tmp_path, monkeypatch):
     """beta 0.04 and --num_iterations 2 (reference and old log-probs scored; the second update, the one logged,
     has KL and clipping non-zero): packed scoring gives the step of G rows, loss, KL and clipping to 1e-5."""
-    rows = [dict(r, solution="<answer>A</answer>") for r in V.load_rows(demo["rl"])]
-    data = tmp_path / "all_a.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in rows))
+    monkeypatch.setattr(V, "group_rewards", varied_rewards)
     ms = {}
     for flag in ("--prefix_sharing", "--no-prefix_sharing"):
         out = str(tmp_path / flag)
-        V.train(V.parse_args(["--stage", "grpo", "--model", sft_ckpt, "--data", str(data), "--media_root",
+        V.train(V.parse_args(["--stage", "grpo", "--model", sft_ckpt, "--data", demo["rl"], "--media_root",
                               demo["media"], "--out", out, *SMALL, "--num_generations", "8",
-                              "--max_completion_length", "16",
-                              "--learning_rate", "5e-3", "--max_steps", "1", "--beta", "0.04", "--num_iterations", "2",
-                              "--epsilon", "0.05", "--save_steps", "1000", "--gradient_checkpointing", flag]))
+                              "--max_completion_length", "16", "--learning_rate", "5e-3", "--max_steps", "1",
+                              "--beta", "0.04", "--num_iterations", "2", "--epsilon", "0.05", "--save_steps", "1000",
+                              "--gradient_checkpointing", flag]))
         ms[flag] = read_metrics(out)
-    shared, rows_ = ms["--prefix_sharing"], ms["--no-prefix_sharing"]
-    assert max(m["kl"] for m in shared) > 1e-4 and max(m["clip_ratio/region_mean"] for m in shared) > 0
-    for a, b in zip(shared, rows_):
-        assert a["reward"] == b["reward"]  # the same completions
-        for k in ("loss", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "grad_norm"):
-            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), k
+    (a,), (b,) = ms["--prefix_sharing"], ms["--no-prefix_sharing"]
+    assert a["kl"] > 1e-4 and a["clip_ratio/region_mean"] > 0 and a["frac_reward_zero_std"] < 1
+    assert a["reward"] == b["reward"]  # the same completions
+    for k in ("loss", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "grad_norm"):
+        assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), k
 
 
 def test_resume_after_sigkill_matches_uninterrupted(demo, tmp_path):
@@ -1450,18 +1454,26 @@ def test_two_processes_match_one_process_on_the_first_step(demo, tmp_path):
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-6
 
 
+VARIED_REWARDS_SCRIPT = """
+import sys
+sys.path.insert(0, {here!r})
+import test_viss, viss_r1 as V
+V.group_rewards = test_viss.varied_rewards
+V.main()
+"""
+
+
 def test_torchrun_prefix_shared_step_equals_per_row(demo, sft_ckpt, tmp_path):
     """FSDP2 over 2 processes, gradient checkpointing, beta 0.04, 2 updates on the rollout: the step with packed
     scoring equals the step with G rows (loss, grad norm, KL to 1e-5). (Not the weights bit for bit: AdamW's
     m / sqrt(v) turns 1e-7 differences of near-zero gradients into differences of a fraction of the lr.)"""
-    rows = [dict(r, solution="<answer>A</answer>") for r in V.load_rows(demo["rl"])]
-    data = tmp_path / "all_a.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in rows))
-    args = _base_args(demo, str(data))
-    args[1] = sft_ckpt  # answers in the format, some "A": rewards differ within a group
+    script = tmp_path / "varied.py"
+    script.write_text(VARIED_REWARDS_SCRIPT.format(here=HERE))
+    args = _base_args(demo)
+    args[1] = sft_ckpt
     common = ["--stage", "grpo", *args, "--max_steps", 1, "--learning_rate", "5e-3", "--per_device_prompts", 1,
               "--num_generations", 8, "--max_completion_length", 16, "--gradient_checkpointing", "--num_iterations", 2]
-    runs = {flag: torchrun(*common, "--out", tmp_path / flag, flag)
+    runs = {flag: torchrun(*common, "--out", tmp_path / flag, flag, script=str(script))
             for flag in ("--prefix_sharing", "--no-prefix_sharing")}
     assert all(r.returncode == 0 for r in runs.values()), [r.stderr[-3000:] for r in runs.values()]
     (a,), (b,) = read_metrics(tmp_path / "--prefix_sharing"), read_metrics(tmp_path / "--no-prefix_sharing")

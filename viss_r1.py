@@ -110,8 +110,7 @@ class Args:
     temperature: float = arg(1.0, "sampling temperature of the rollout, also applied to the scored log-probs")
     top_p: float = arg(0.95, "nucleus sampling: the most likely tokens up to this probability mass (the release's)")
     max_completion_length: int = arg(768, "new tokens per completion at most")
-    prefix_sharing: bool = arg(True, "score each group as one sequence [prompt; c_1..c_G], the prompt computed once "
-                                     "(G rows when off, or when the prompt is under 1/4 of the completion length)")
+    prefix_sharing: bool = arg(True, "score a group as one sequence [prompt; c_1..c_G] (off, or prompt < C/4: G rows)")
     # objective
     learning_rate: float = arg(1e-6, "AdamW peak learning rate")
     weight_decay: float = arg(0.01, "AdamW weight decay")
@@ -1238,16 +1237,14 @@ class Policy(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model  # a *ForConditionalGeneration
-        from transformers import AttentionInterface, AttentionMaskInterface
-        from transformers.masking_utils import sdpa_mask
-        # the language model's attention becomes prefix_attention: sdpa (with sdpa's masks) unless the call packs
-        # a group; the vision tower keeps its own sdpa (it receives the same kwargs, and plain sdpa ignores them)
+        from transformers import AttentionInterface, AttentionMaskInterface, masking_utils
+        # the language model attends with prefix_attention (sdpa with sdpa's masks unless a call packs a group);
+        # the vision tower keeps its own sdpa
         AttentionInterface.register("prefix_sdpa", prefix_attention)
-        AttentionMaskInterface.register("prefix_sdpa", sdpa_mask)
+        AttentionMaskInterface.register("prefix_sdpa", masking_utils.sdpa_mask)
         model.config.get_text_config()._attn_implementation = "prefix_sdpa"
 
-    def forward(self, completion=None, temperature: float = 1.0, bias=None, rows: int = 1, prefix: int = 0,
-                **inputs):
+    def forward(self, completion=None, temperature: float = 1.0, bias=None, rows: int = 1, prefix: int = 0, **inputs):
         if rows > 1 or prefix:  # `rows` sequences share one image/clip: run the vision tower once, tile its features
             inputs["mm_encoder_outputs"] = self.encode_once(inputs, rows)
         if prefix:  # one packed group [prompt; c_1; ...; c_G]: the kwarg reaches every layer's attention call
@@ -1257,9 +1254,9 @@ class Policy(torch.nn.Module):
         if completion is None:  # [B, V] logits of the next token, and the cache [B, kv_heads, L, d] per layer
             return self.model.lm_head(h[:, -1]).float(), out.past_key_values
         G, C = completion.shape
-        if prefix:  # token t of completion g is predicted at P + g·C + t - 1, and its first token at P - 1
-            at = torch.arange(G * C, device=h.device).view(G, C) + prefix - 1
-            h = h[0, at.index_fill_(1, torch.tensor([0], device=h.device), prefix - 1)]  # [G, C, D]
+        if prefix:  # token t > 0 of completion g is predicted at P + g·C + t - 1, every first token at P - 1
+            at = torch.arange(G * C, device=h.device).view(G, C) * (torch.arange(C, device=h.device) > 0)
+            h = h[0, prefix - 1 + at]  # [G, C, D]
         else:
             h = h[:, -C - 1:-1]  # positions P-1 .. P+C-2 predict the C completion tokens
         logp = token_logprobs(h, self.model.lm_head.weight, completion, temperature, bias=bias)
@@ -1286,18 +1283,14 @@ class Policy(torch.nn.Module):
 
 def prefix_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, shared_prefix=None,
                      **kwargs):
-    """The language model's attention ("prefix_sdpa"): plain sdpa, except on a packed group (`shared_prefix`).
+    """The language model's attention ("prefix_sdpa"): transformers' sdpa, except on a packed group.
 
-    A packed group is ONE sequence [prompt (P); c_1 (C); ...; c_G (C)], shared_prefix = (P, G), in which each
-    completion sees the prompt and itself only, exactly as in its own row [prompt; c_g]. Split in two parts
-    (PrefixGrouper), attention costs P²/2 + G·C·(P + C/2) query-key pairs, against G·(P + C)²/2 for G rows and
-    (P + G·C)²/2 for one dense mask over the packed sequence:
-      prompt       queries [1, H, P, d] on keys [1, kv, P, d], causal
-      completions  queries [G, H, C, d] on keys [G, kv, P + C, d] = [the prompt's; its own], mask [C, P + C]
-    The completions' keys copy the prompt's G times: 2·G·kv·P·d values per layer, 38 MB at 7B (bf16, G 8,
-    P 2,350), alive for one layer under gradient checkpointing. query [1, H, L, d], key/value [1, kv, L, d]
-    (rotated), L = P + G·C -> [1, L, H, d] like transformers' attention functions.
-    """
+    shared_prefix = (P, G): the sequence is [prompt (P); c_1 (C); ...; c_G (C)] and each completion sees the
+    prompt and itself only, as in its own row [prompt; c_g]. Split (PrefixGrouper): the prompt attends to itself
+    causally (P²/2 query-key pairs); the completions, as a batch [G, H, C, d], attend to [the prompt's keys; their
+    own] through a [C, P + C] mask (G·C·(P + C/2)). G rows cost G·(P + C)²/2, a dense mask (P + G·C)²/2. The
+    prompt's keys and values are copied G times (38 MB a layer at 7B, bf16, G 8, P 2,350; one layer at a time
+    under checkpointing). query [1, H, L, d], key/value [1, kv, L, d] (rotated), L = P + G·C -> [1, L, H, d]."""
     if shared_prefix is None:  # sampling, the per-row path: transformers' sdpa
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
@@ -1344,26 +1337,19 @@ def decoding_ids(model, tokenizer) -> tuple[list[int], int]:
 
 def _sample_token(logp: torch.Tensor, top_p: float, generator, tries: int = 4) -> torch.Tensor:
     """Nucleus sampling from log-probs [G, V] -> [G]: token i is kept iff the tokens more likely than i hold at
-    most top_p of the mass (the smallest most-likely set that reaches top_p), and p is renormalised on that set.
-
-    No vocabulary sort and no [G, V] random numbers (on 2 CPU cores, at V 151,936, a sort costs ~45 ms and
-    torch.multinomial ~20 ms per step): draw from p by inverse CDF, one uniform per row, and accept the draw if
-    it is in the nucleus, else draw again. An accepted draw follows p restricted to the nucleus: exact. A round
-    accepts with probability = the nucleus mass >= top_p; rows still rejected after `tries` rounds (a tiny top_p
-    on a flat distribution) take the sort, which samples the same distribution.
-    """
+    most top_p, and p is renormalised on that set. No sort and no [G, V] random numbers (at V 151,936 on 2 CPU
+    cores a sort costs ~50 ms and torch.multinomial ~25 ms a step): draw by inverse CDF, one uniform per row, keep
+    the draw if it is in the nucleus, else draw again; an accepted draw follows p on the nucleus exactly. A round
+    accepts with probability >= top_p; rows rejected `tries` times (a tiny top_p, a flat p) take the sort."""
     probs = logp.exp()
     G, V = probs.shape
     cdf = probs.double().cumsum(-1)  # float64: 151,936 float32 additions would round
-    out = torch.zeros(G, dtype=torch.long, device=probs.device)
-    todo = torch.ones(G, dtype=torch.bool, device=probs.device)  # rows still to draw
+    out, todo = probs.new_zeros(G, dtype=torch.long), probs.new_ones(G, dtype=torch.bool)  # todo: rows to draw
     for _ in range(tries):
         u = torch.rand(G, 1, generator=generator, device=probs.device, dtype=torch.float64) * cdf[:, -1:]
         x = torch.searchsorted(cdf, u, right=True).clamp_(max=V - 1)  # [G, 1]: first token whose cdf exceeds u
-        if top_p < 1.0:  # in the nucleus iff the tokens more likely than x hold at most top_p
-            keep = todo & (torch.where(probs > probs.gather(-1, x), probs, 0.0).sum(-1) <= top_p)
-        else:
-            keep = todo
+        # in the nucleus iff the tokens more likely than x hold at most top_p
+        keep = todo & (torch.where(probs > probs.gather(-1, x), probs, 0.0).sum(-1) <= top_p) if top_p < 1 else todo
         out, todo = torch.where(keep, x[:, 0], out), todo & ~keep
         if not todo.any():
             return out
@@ -1443,11 +1429,9 @@ def sequence_logprobs(policy: Policy, sample: Sample, completion: torch.Tensor, 
     second_per_grid_ts and 3-D positions the sampler used (the Video-R1 trainer dropped second_per_grid_ts
     here, so its scores came from different positions than its samples). The G rows share one run of the
     vision tower; the trainers that batch G copies of the prompt run it G times.
-
-    shared: ONE sequence [prompt; c_1; ...; c_G] (prefix_attention): the language model runs the prompt once
-    and P + G·C tokens instead of G·(P + C); its backward sums the G completions' gradients into the one
-    prompt computation, the gradient of G copies. Tokens after an EOS are padding: each completion attends
-    causally, so they change no kept token's log-prob (as in G rows)."""
+    shared: ONE sequence [prompt; c_1; ...; c_G] (prefix_attention), P + G·C tokens instead of G·(P + C); backward
+    sums the G completions' gradients into the one prompt computation, the gradient of G copies. Padding after
+    EOS attends causally, so it changes no kept token's log-prob (as in G rows)."""
     device = completion.device
     G, C = completion.shape
     if shared and G > 1 and 4 * len(sample.ids) >= C:  # below P = C / 4, no faster than G rows (README)
