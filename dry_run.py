@@ -549,19 +549,20 @@ def run_step(plan: Plan, args: V.Args, policy, ref, samples: list, tokenizer, sp
         if ref is not None and not sft:
             plan.enter("reference forward")
             with torch.no_grad(), autocast():
-                ref_lp = V.pad_right([V.sequence_logprobs(ref, s, c, args.temperature, bias)
+                ref_lp = V.pad_right([V.sequence_logprobs(ref, s, c, args.temperature, bias, args.prefix_sharing)
                                       for s, c in zip(samples, comps)], 0.0)
         if args.num_iterations > 1 and not sft:
             plan.enter("old log-probs")
             with torch.no_grad(), autocast():
-                old = V.pad_right([V.sequence_logprobs(policy, s, c, args.temperature, bias)
+                old = V.pad_right([V.sequence_logprobs(policy, s, c, args.temperature, bias, args.prefix_sharing)
                                    for s, c in zip(samples, comps)], 0.0)
         # ---- loss and optimizer step (one of --num_iterations: every one has the same shapes)
         plan.enter("scoring forward")
         optimizer.zero_grad(set_to_none=True)
         with autocast():
             logp = V.pad_right([V.sequence_logprobs(policy, s, c, 1.0 if sft else args.temperature,
-                                                    None if sft else bias) for s, c in zip(samples, comps)], 0.0)
+                                                    None if sft else bias, args.prefix_sharing)
+                                for s, c in zip(samples, comps)], 0.0)
             if sft:
                 loss = -(logp * mask).sum() / mask.sum()
             else:
