@@ -977,8 +977,10 @@ def test_sft_loss_falls_and_rl_reward_rises(demo, sft_ckpt, tmp_path):
     assert np.mean(acc[-5:]) > np.mean(acc[:5]) + 0.25
 
 
-def test_num_iterations_reuses_the_rollout_and_clips(demo, sft_ckpt, tmp_path):
-    """With --num_iterations 2 the second update sees ratios != 1 against the stored old log-probs."""
+def test_num_iterations_reuses_the_rollout_and_clips(demo, sft_ckpt, tmp_path, monkeypatch):
+    """With --num_iterations 2 the second update sees ratios != 1 against the stored old log-probs (rewards that
+    vary within each group: whether the tiny SFT model's own answers ever score depends on the draws)."""
+    monkeypatch.setattr(V, "group_rewards", varied_rewards)
     rows = [dict(r, solution="<answer>A</answer>") for r in V.load_rows(demo["rl"])]
     data = tmp_path / "all_a.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows))
