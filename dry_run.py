@@ -425,7 +425,11 @@ class Decoding:
                 cache.update(grow(layer.keys), grow(layer.values), i)  # [G, kv, P, d] -> [G, kv, P + C - 2, d]
 
     def __call__(self, logp: torch.Tensor, top_p: float, generator) -> torch.Tensor:
-        self.sample_token(logp, top_p, generator)
+        from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+        try:
+            self.sample_token(logp, top_p, generator)
+        except GuardOnDataDependentSymNode:  # fake tensors: the sort-free sampler stops at its accept/reject test,
+            pass  # after its first round, which holds its peak (probabilities, float64 CDF, the mass test)
         self.draws += 1
         token = self.eos if not self.full and self.draws == 2 else self.filler
         return torch.full((logp.shape[0],), token, dtype=torch.long, device=logp.device)
@@ -545,19 +549,20 @@ def run_step(plan: Plan, args: V.Args, policy, ref, samples: list, tokenizer, sp
         if ref is not None and not sft:
             plan.enter("reference forward")
             with torch.no_grad(), autocast():
-                ref_lp = V.pad_right([V.sequence_logprobs(ref, s, c, args.temperature, bias)
+                ref_lp = V.pad_right([V.sequence_logprobs(ref, s, c, args.temperature, bias, args.prefix_sharing)
                                       for s, c in zip(samples, comps)], 0.0)
         if args.num_iterations > 1 and not sft:
             plan.enter("old log-probs")
             with torch.no_grad(), autocast():
-                old = V.pad_right([V.sequence_logprobs(policy, s, c, args.temperature, bias)
+                old = V.pad_right([V.sequence_logprobs(policy, s, c, args.temperature, bias, args.prefix_sharing)
                                    for s, c in zip(samples, comps)], 0.0)
         # ---- loss and optimizer step (one of --num_iterations: every one has the same shapes)
         plan.enter("scoring forward")
         optimizer.zero_grad(set_to_none=True)
         with autocast():
             logp = V.pad_right([V.sequence_logprobs(policy, s, c, 1.0 if sft else args.temperature,
-                                                    None if sft else bias) for s, c in zip(samples, comps)], 0.0)
+                                                    None if sft else bias, args.prefix_sharing)
+                                for s, c in zip(samples, comps)], 0.0)
             if sft:
                 loss = -(logp * mask).sum() / mask.sum()
             else:

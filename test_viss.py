@@ -677,7 +677,7 @@ def test_scoring_encodes_media_once_same_values_and_gradients(tiny, kind):
     s = V.Sample(row={}, mode="r1", ids=ids, types=types, vis=vis, solution="", problem_type="free-form")
     G, comp = 3, torch.randint(0, 100, (3, 5))
     fast, plain = V.Policy(copy.deepcopy(model)), V.Policy(copy.deepcopy(model))
-    lp_fast = V.sequence_logprobs(fast, s, comp, 0.7, None)
+    lp_fast = V.sequence_logprobs(fast, s, comp, 0.7, None, shared=False)
     full_ids = torch.cat([torch.tensor([ids]).expand(G, -1), comp], 1)
     full_types = torch.tensor([types + [0] * 5])
     pos, _ = V.rope_positions(plain.model, full_ids[:1], full_types, vis)
@@ -690,6 +690,46 @@ def test_scoring_encodes_media_once_same_values_and_gradients(tiny, kind):
         if a.grad is not None or b.grad is not None:
             assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4), name
     assert any("visual" in n and p.grad is not None and p.grad.abs().sum() > 0 for n, p in fast.named_parameters())
+
+
+@pytest.mark.parametrize("kind", ["video", "image"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_prefix_shared_scoring_equals_per_row(tiny, kind, checkpointing):
+    """One packed sequence [prompt; c_1; c_2; c_3] per group gives the log-probs and the gradients of G rows
+    [prompt; c_g]: completions of different lengths, padded after EOS, with and without gradient checkpointing."""
+    import copy
+    model, tokenizer, spec = tiny
+    frames = rand_frames(4, 56, 84) if kind == "video" else rand_frames(1, 56, 84)
+    media = V.fit_media(V.Media(frames, kind, 2.0), spec, min_pixels=4 * spec.factor ** 2,
+                        max_pixels=12 * spec.factor ** 2)
+    vis = V.vision_inputs(media, spec)
+    ids, types = V.prompt_ids(tokenizer, "Describe it.", media, spec, vis[f"{kind}_grid_thw"][0].tolist())
+    s = V.Sample(row={}, mode="r1", ids=ids, types=types, vis=vis, solution="", problem_type="free-form")
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    comp = torch.randint(0, 100, (3, 7), generator=torch.Generator().manual_seed(1))
+    comp[0, 2], comp[0, 3:], comp[1, 5], comp[1, 6:] = eos, pad, eos, pad  # lengths 3, 6, 7
+    mask = V.completion_mask(comp, eos)
+    policies = []
+    for _ in range(2):
+        m = copy.deepcopy(model).train()
+        if checkpointing:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policies.append(V.Policy(m))
+    seen = []  # the tokens each language-model forward ran: packed [1, P + G*C], per row [G, P + C]
+    hook = policies[0].model.model.language_model.layers[0].register_forward_hook(
+        lambda mod, args, out: seen.append(tuple(args[0].shape[:2])))
+    shared, rows = (V.sequence_logprobs(p, s, comp, 0.7, None, shared=flag) for p, flag in zip(policies, (True, False)))
+    hook.remove()
+    assert seen[0] == (1, len(ids) + 3 * 7)
+    assert (shared - rows).abs().max() <= 1e-5  # every position, the padding too
+    weights = torch.randn(3, 7, generator=torch.Generator().manual_seed(2))
+    (shared * mask * weights).sum().backward()
+    (rows * mask * weights).sum().backward()
+    for (name, a), b in zip(policies[0].named_parameters(), policies[1].parameters()):
+        assert (a.grad is None) == (b.grad is None), name
+        if b.grad is not None and b.grad.norm() > 0:
+            assert (a.grad - b.grad).norm() / b.grad.norm() <= 1e-4, name
+    assert any("visual" in n and p.grad is not None and p.grad.norm() > 0 for n, p in policies[0].named_parameters())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -873,6 +913,41 @@ def test_top_p_and_temperature_sampling():
     assert torch.allclose(sharp, p2 / p2.sum(), atol=1e-6)
 
 
+def nucleus_reference(probs, top_p):
+    """The plain nucleus: sort, keep a token while the mass before it is at most top_p, renormalise."""
+    sorted_p, order = probs.sort(-1, descending=True)
+    kept = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p > top_p, 0.0)
+    out = torch.zeros_like(probs).scatter(-1, order, kept)
+    return out / out.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("shape,top_p,tries", [("peaked", 0.95, 4), ("flat", 0.95, 4), ("peaked", 1.0, 4),
+                                               ("flat", 0.02, 4), ("peaked", 0.95, 0)])
+def test_nucleus_sampler_matches_the_sorted_reference(shape, top_p, tries):
+    """The sort-free sampler draws only nucleus tokens, at the reference's renormalised frequencies (chi-square
+    over 10,000 draws). flat at 0.02: a round accepts 2 % of the rows, most take the sort after
+    4 rounds; tries 0: the sort alone."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(1, 1000, generator=g) * (0.3 if shape == "flat" else 1.0)
+    if shape == "peaked":  # a few dozen likely tokens, then a long tail (a trained model's shape)
+        logits[0, :40] += torch.linspace(8, 3, 40)
+    logits[0, 7] = float("-inf")  # a masked token (vision placeholders) is never drawn
+    logp = torch.log_softmax(logits, -1)
+    ref = nucleus_reference(logp.exp(), top_p)[0]
+    assert 1 < int((ref > 0).sum()) < (1000 if top_p < 1 else 1000)  # a real cut, and more than one token
+    draws = 10_000
+    x = V._sample_token(logp.expand(draws, -1), top_p, torch.Generator().manual_seed(4), tries)
+    counts, expected = torch.bincount(x, minlength=1000).double(), ref.double() * draws
+    assert (counts[ref == 0] == 0).all()  # never outside the nucleus
+    # chi-square goodness of fit: tokens expected >= 5 times each, the rest of the nucleus merged into one bin
+    big = expected >= 5
+    obs = torch.cat([counts[big], counts[~big].sum().view(1)])
+    exp = torch.cat([expected[big], expected[~big].sum().view(1)])
+    obs, exp = obs[exp > 0], exp[exp > 0]
+    df = len(obs) - 1
+    assert ((obs - exp) ** 2 / exp).sum() < df + 6 * (2 * df) ** 0.5  # about 4 sigma above its mean, df
+
+
 @pytest.fixture(scope="module")
 def sft_ckpt(demo):
     """A format-only SFT of the tiny model (random answers), in-process through train()."""
@@ -902,8 +977,10 @@ def test_sft_loss_falls_and_rl_reward_rises(demo, sft_ckpt, tmp_path):
     assert np.mean(acc[-5:]) > np.mean(acc[:5]) + 0.25
 
 
-def test_num_iterations_reuses_the_rollout_and_clips(demo, sft_ckpt, tmp_path):
-    """With --num_iterations 2 the second update sees ratios != 1 against the stored old log-probs."""
+def test_num_iterations_reuses_the_rollout_and_clips(demo, sft_ckpt, tmp_path, monkeypatch):
+    """With --num_iterations 2 the second update sees ratios != 1 against the stored old log-probs (rewards that
+    vary within each group: whether the tiny SFT model's own answers ever score depends on the draws)."""
+    monkeypatch.setattr(V, "group_rewards", varied_rewards)
     rows = [dict(r, solution="<answer>A</answer>") for r in V.load_rows(demo["rl"])]
     data = tmp_path / "all_a.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows))
@@ -915,6 +992,33 @@ def test_num_iterations_reuses_the_rollout_and_clips(demo, sft_ckpt, tmp_path):
     ms = read_metrics(out)
     assert max(m["clip_ratio/region_mean"] for m in ms) > 0
     assert all(m["clip_ratio/region_mean"] <= 1 for m in ms)
+
+
+def varied_rewards(texts, lengths, *args, **kwargs):
+    """Rewards that differ within a group whatever a tiny model writes (the sum of the characters' codes mod 3):
+    the tests of the scoring paths need non-zero advantages, not a model that answers well."""
+    r = [float(sum(map(ord, t)) % 3) for t in texts]
+    return r, {"varied": r}
+
+
+def test_prefix_sharing_leaves_loss_kl_and_clipping_unchanged(demo, sft_ckpt, tmp_path, monkeypatch):
+    """beta 0.04 and --num_iterations 2 (reference and old log-probs scored; the second update, the one logged,
+    has KL and clipping non-zero): packed scoring gives the step of G rows, loss, KL and clipping to 1e-5."""
+    monkeypatch.setattr(V, "group_rewards", varied_rewards)
+    ms = {}
+    for flag in ("--prefix_sharing", "--no-prefix_sharing"):
+        out = str(tmp_path / flag)
+        V.train(V.parse_args(["--stage", "grpo", "--model", sft_ckpt, "--data", demo["rl"], "--media_root",
+                              demo["media"], "--out", out, *SMALL, "--num_generations", "8",
+                              "--max_completion_length", "16", "--learning_rate", "5e-3", "--max_steps", "1",
+                              "--beta", "0.04", "--num_iterations", "2", "--epsilon", "0.05", "--save_steps", "1000",
+                              "--gradient_checkpointing", flag]))
+        ms[flag] = read_metrics(out)
+    (a,), (b,) = ms["--prefix_sharing"], ms["--no-prefix_sharing"]
+    assert a["kl"] > 1e-4 and a["clip_ratio/region_mean"] > 0 and a["frac_reward_zero_std"] < 1
+    assert a["reward"] == b["reward"]  # the same completions
+    for k in ("loss", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "grad_norm"):
+        assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), k
 
 
 def test_resume_after_sigkill_matches_uninterrupted(demo, tmp_path):
@@ -1350,6 +1454,34 @@ def test_two_processes_match_one_process_on_the_first_step(demo, tmp_path):
     from safetensors.torch import load_file
     w1, w2 = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-6
+
+
+VARIED_REWARDS_SCRIPT = """
+import sys
+sys.path.insert(0, {here!r})
+import test_viss, viss_r1 as V
+V.group_rewards = test_viss.varied_rewards
+V.main()
+"""
+
+
+def test_torchrun_prefix_shared_step_equals_per_row(demo, sft_ckpt, tmp_path):
+    """FSDP2 over 2 processes, gradient checkpointing, beta 0.04, 2 updates on the rollout: the step with packed
+    scoring equals the step with G rows (loss, grad norm, KL to 1e-5). (Not the weights bit for bit: AdamW's
+    m / sqrt(v) turns 1e-7 differences of near-zero gradients into differences of a fraction of the lr.)"""
+    script = tmp_path / "varied.py"
+    script.write_text(VARIED_REWARDS_SCRIPT.format(here=HERE))
+    args = _base_args(demo)
+    args[1] = sft_ckpt
+    common = ["--stage", "grpo", *args, "--max_steps", 1, "--learning_rate", "5e-3", "--per_device_prompts", 1,
+              "--num_generations", 8, "--max_completion_length", 16, "--gradient_checkpointing", "--num_iterations", 2]
+    runs = {flag: torchrun(*common, "--out", tmp_path / flag, flag, script=str(script))
+            for flag in ("--prefix_sharing", "--no-prefix_sharing")}
+    assert all(r.returncode == 0 for r in runs.values()), [r.stderr[-3000:] for r in runs.values()]
+    (a,), (b,) = read_metrics(tmp_path / "--prefix_sharing"), read_metrics(tmp_path / "--no-prefix_sharing")
+    assert a["kl"] > 1e-4 and a["reward"] == b["reward"]  # the same completions; the logged update has KL
+    for k in ("loss", "grad_norm", "kl", "clip_ratio/region_mean"):
+        assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), k
 
 
 LOGITS_SCRIPT = """
@@ -1936,22 +2068,37 @@ def test_bench_tiny_preset_end_to_end(tmp_path):
     assert "== summary" in r.stdout
     res = json.loads(out.read_text())
     assert res["sections"] == ["rollout", "logprobs", "step", "scaling"]
-    # 1. rollout: N = 1 (prompt only) then the preset's lengths, all three ways greedy-identical
-    assert [row["new_tokens"] for row in res["rollout"]] == [1, 4, 16]
-    for row in res["rollout"]:
+    # 1. rollout: N = 1 (prompt only) then the preset's lengths, all three ways greedy-identical; sampled at
+    # top_p at N = 1 and the long N, and the decode and whole-rollout figures computed from them
+    ro = res["rollout"]
+    assert [row["new_tokens"] for row in ro["rows"]] == [1, 4, 16]
+    for row in ro["rows"]:
         assert row["greedy_equal"] is True
-        for way in ("ours", "generate", "copies"):
+        sampled = ("ours_top_p", "generate_top_p") if row["new_tokens"] != 4 else ()
+        for way in ("ours", "generate", "copies") + sampled:
             assert row[f"{way}_s"]["n"] == 2 and row[f"{way}_s"]["median"] > 0
         assert row["speedup"] > 0
+    first, long, d = ro["rows"][0], ro["rows"][-1], ro["decode_ms"]
+    assert d["ours_top_p"] == pytest.approx(1e3 * (long["ours_top_p_s"]["median"]
+                                                   - first["ours_top_p_s"]["median"]) / 15)
+    assert ro["whole_s"]["ours"] == pytest.approx(first["ours_top_p_s"]["median"] + 767 * d["ours_top_p"] / 1e3)
+    assert ro["sampling_ms"]["nucleus"] > 0 and ro["sampling_ms"]["vocab"] > 500  # the tiny tokenizer's
     # 2. log-probs: both modes measured, and they agree
     lp = res["logprobs"]
     assert lp["vocab"] == 151936 and lp["max_abs_diff"] < 1e-4
     assert lp["chunked"]["peak_mib"] > 0 and lp["full"]["peak_mib"] > 0
-    # 3. step: every part timed, FLOPs counted, memory measured
-    step = res["step"]
-    assert set(step["parts"]) == {"rollout", "ref_logprobs", "fwd_bwd", "optimizer"}
-    assert all(step["parts"][k]["median"] > 0 for k in step["parts"])
-    assert 0 < step["mfu"] < 1 and step["peak_mib"] > 0 and step["completion_tok_s"] > 0
+    # 3. step: both scoring modes at each length, every part timed, FLOPs counted, memory measured, the same
+    # reference log-probs; prefix-shared scoring counts fewer FLOPs than G rows
+    assert [st["N"] for st in res["step"]] == [4, 8]
+    for st in res["step"]:
+        assert st["logprob_max_diff"] < 1e-5
+        for mode in ("rows", "shared"):
+            r = st[mode]
+            assert set(r["parts"]) == {"media", "rollout", "ref_logprobs", "fwd_bwd", "optimizer"}
+            assert r["mode"] == mode
+            assert all(r["parts"][k]["median"] > 0 for k in r["parts"])
+            assert r["mfu"] > 0 and r["completion_tok_s"] > 0 and r["peak_mib"] > r["scoring_peak_mib"] > 0
+        assert st["shared"]["flops"]["fwd_bwd"] < st["rows"]["flops"]["fwd_bwd"]
     # 4. scaling: every point of every axis
     points = [(s["axis"], s[s["axis"]]) for s in res["scaling"]]
     assert points == [("G", 2), ("G", 4), ("frames", 4), ("frames", 8), ("N", 4), ("N", 8)]
