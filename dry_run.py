@@ -519,12 +519,13 @@ def run_step(plan: Plan, args: V.Args, policy, ref, samples: list, tokenizer, sp
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
                                   foreach=False)
     with instrumented(plan, [policy] + ([ref] if ref is not None else []), optimizer):
-        # ---- steady state: the previous step's gradients (freed at the next zero_grad) and AdamW's moments
+        # ---- steady state: AdamW's moments (train() frees the gradients right after each optimizer step)
         plan.enter("setup")
         with plan.labelled("gradients"):
             for p in policy.parameters():
                 p.grad = torch.zeros_like(p)
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         for group in optimizer.param_groups:
             group["foreach"] = True
         autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and world == 1)  # noqa
@@ -551,6 +552,8 @@ def run_step(plan: Plan, args: V.Args, policy, ref, samples: list, tokenizer, sp
             with torch.no_grad(), autocast():
                 ref_lp = V.pad_right([V.sequence_logprobs(ref, s, c, args.temperature, bias, args.prefix_sharing)
                                       for s, c in zip(samples, comps)], 0.0)
+                if world > 1:
+                    ref.reshard()
         if args.num_iterations > 1 and not sft:
             plan.enter("old log-probs")
             with torch.no_grad(), autocast():
@@ -558,7 +561,6 @@ def run_step(plan: Plan, args: V.Args, policy, ref, samples: list, tokenizer, sp
                                    for s, c in zip(samples, comps)], 0.0)
         # ---- loss and optimizer step (one of --num_iterations: every one has the same shapes)
         plan.enter("scoring forward")
-        optimizer.zero_grad(set_to_none=True)
         with autocast():
             logp = V.pad_right([V.sequence_logprobs(policy, s, c, 1.0 if sft else args.temperature,
                                                     None if sft else bias, args.prefix_sharing)
@@ -573,6 +575,7 @@ def run_step(plan: Plan, args: V.Args, policy, ref, samples: list, tokenizer, sp
         plan.enter("optimizer step")
         torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         plan.enter(None)
     return {name: plan.peaks[name] for name in plan.order if name != "setup"}
 
@@ -633,8 +636,8 @@ def format_plan(res: dict, args: V.Args, cards: list[float], reserve: float, bri
     how = ("fake tensors, " + (f"FSDP2 over a fake process group of {res['world']} ranks (rank 0: the largest "
                                f"shards)" if res["world"] > 1 else "one process")) if res["fake"] else \
         f"real tensors, {res['world']} process(es)"
-    lines += [f"how: {how}; one steady-state step of train(): the previous step's gradients and the AdamW "
-              f"state are alive from the start (train() frees gradients only at the next zero_grad); Python's "
+    lines += [f"how: {how}; one steady-state step of train(): the AdamW state is alive from the start, "
+              f"gradients from the backward to the end of the optimizer step (train() frees them there); Python's "
               f"garbage collector runs between phases",
               "  real values on fake tensors: token ids, grids, cu_seqlens, window indices, and the M-RoPE "
               "positions (get_rope_index run outside the fake mode): they depend on shapes, not weights",
