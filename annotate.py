@@ -15,7 +15,7 @@ option as in SPEC §2, drawn from a generator seeded by --seed and the row's ind
 frames are sampled, transformed and resized exactly as training would; the teacher sees the transformed media,
 the ViSS question (transform question + user question), the true letter and the true answer (the `annotate`
 prompt, replaceable with --prompts), and writes `<think>..</think><transform>X</transform><answer>..</answer>`.
-A completion is kept only if viss_r1.annotation_verdict finds nothing wrong: the 3-tag format, the applied letter
+A completion is kept only if annotation_verdict finds nothing wrong: the 3-tag format, the applied letter
 (the release keeps the teacher's own letter even when it is wrong), a right answer, no mention of having been
 given the answers.
 
@@ -48,7 +48,31 @@ from dataclasses import replace
 
 import torch
 
+import eval as E  # generate_batch: the evaluation's batched generate
 import viss_r1 as V
+
+
+LEAK = re.compile(r"ground[\s-]*truth|reference (?:answer|letter)|(?:given|provided|supplied) (?:answer|letter|label|"
+                  r"transformation)|answer key|(?:was|were|been|is|are) (?:given|provided|told|supplied) (?:to me|the)",
+                  re.IGNORECASE)
+
+
+def annotation_verdict(completion: str, letter: str, solution: str, problem_type: str,
+                       min_accuracy: float = 0.6) -> str | None:
+    """Why a teacher's SSL-CoT chain is dropped, or None to keep it: the 3-tag format, the applied transform
+    letter, a right answer (multiple choice and numerical exactly; OCR, free-form and regression at least
+    `min_accuracy`), and no mention of having been given the answers. Stricter than the release, which keeps
+    the teacher's own letter even when it is wrong: such a row would teach the student a wrong label."""
+    if not V.format_reward(completion, with_transform=True):
+        return "format"
+    if V.extract_tag(completion, "transform") != letter:
+        return "transform"
+    need = 1.0 if problem_type in ("multiple choice", "numerical") else min_accuracy
+    if V.accuracy_reward(completion, solution, problem_type) < need:
+        return "answer"
+    if LEAK.search(V.extract_tag(completion, "think")):
+        return "leak"
+    return None
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -166,12 +190,12 @@ def annotate_batch(rows: list[dict], batch: list[int], args, ctx, dummy: list[in
         return records
     if args.temperature > 0:  # sampled: seeded by the batch, so a rerun samples the same
         torch.manual_seed(hash((args.seed, tuple(i for i, _, _ in todo))) % 2 ** 31)
-    new = V.generate_batch(ctx.model, [s for _, s, _ in todo], ctx.eos_ids, ctx.pad_id, ctx.suppress,
+    new = E.generate_batch(ctx.model, [s for _, s, _ in todo], ctx.eos_ids, ctx.pad_id, ctx.suppress,
                            args.max_new_tokens, args.temperature, args.top_p,
                            synced_gpus=args.shard_teacher and ctx.world > 1)
     for (i, s, replay), text in zip(ready, ctx.tokenizer.batch_decode(new, skip_special_tokens=True)):
         text, row = text.strip(), rows[i]
-        reason = V.annotation_verdict(text, s.letter, row["solution"], row["problem_type"], args.min_accuracy)
+        reason = annotation_verdict(text, s.letter, row["solution"], row["problem_type"], args.min_accuracy)
         if reason is None:
             think = re.search(r"<think>.*?</think>", text, re.DOTALL).group(0)
             kept = {**row, "process": think, "trans_opt": s.task, "trans_ans": s.letter, **replay, "source_index": i}

@@ -258,6 +258,34 @@ def load_checkpoint(path: str, device) -> SimpleNamespace:
                            suppress=torch.isinf(bias).nonzero().flatten().tolist())
 
 
+@torch.no_grad()
+def generate_batch(model, samples: list[V.Sample], eos_ids: list[int], pad_id: int, suppress: list[int],
+                   max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                   synced_gpus: bool = False) -> torch.Tensor:
+    """Completions of B prompts in one `generate` call -> new tokens [B, <= max_new_tokens]: greedy at temperature 0
+    (evaluation), else sampled at exactly `temperature` and `top_p` (every parameter is passed, so a checkpoint's
+    generation_config.json cannot add its own). `synced_gpus`: a teacher sharded with FSDP2 steps all ranks alike.
+
+    input_ids, mm_token_type_ids, attention_mask [B, L] are padded on the left, so every prompt ends where decoding
+    starts (get_rope_index skips the masked pads); the clips' pixel rows, grids and second_per_grid_ts are
+    concatenated in batch order, the order in which the model hands them to the placeholder runs.
+    """
+    L, dev = max(len(s.ids) for s in samples), model.device
+    left = lambda fill, seq: [fill] * (L - len(seq)) + seq  # noqa: E731
+    ids = torch.tensor([left(pad_id, s.ids) for s in samples], device=dev)
+    types = torch.tensor([left(0, s.types) for s in samples], device=dev)
+    mask = torch.tensor([left(0, [1] * len(s.ids)) for s in samples], device=dev)
+    vis = {k: torch.cat([s.vis[k] for s in samples if k in s.vis]).to(dev) for k in
+           ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+           if any(k in s.vis for s in samples)}
+    how = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else \
+        dict(do_sample=False, temperature=None, top_p=None)
+    out = model.generate(input_ids=ids, attention_mask=mask, mm_token_type_ids=types, **vis, **how, top_k=None,
+                         repetition_penalty=None, suppress_tokens=suppress, max_new_tokens=max_new_tokens,
+                         eos_token_id=eos_ids, pad_token_id=pad_id, synced_gpus=synced_gpus)
+    return out[:, L:]
+
+
 def predict(name: str, rows: list[dict], ids: list[str], idx: list[int], probe: str, args, ctx) -> list[dict]:
     """Records of items `idx` of one benchmark: load, probe, generate as one batch, parse, score."""
     records, ready = [], []
@@ -276,7 +304,7 @@ def predict(name: str, rows: list[dict], ids: list[str], idx: list[int], probe: 
         rng = random.Random(f"{args.seed}/{name}/{ids[i]}/{probe}")  # a str seed hashes the same in every process
         ready.append((rec, prepare(row, media, probe, args.prompt, args, ctx.spec, ctx.tokenizer, rng)))
     if ready:
-        new = V.generate_batch(ctx.model, [s for _, s in ready], ctx.eos_ids, ctx.pad_id, ctx.suppress,
+        new = generate_batch(ctx.model, [s for _, s in ready], ctx.eos_ids, ctx.pad_id, ctx.suppress,
                              args.max_new_tokens)
         for (rec, s), text in zip(ready, ctx.tokenizer.batch_decode(new, skip_special_tokens=True)):
             # the transform probe under the viss prompt scores the <transform> letter

@@ -15,7 +15,7 @@ and for answering the user's question about the restored clip, inside the same G
     GRPO / T-GRPO  the Video-R1 baseline on the original clip, beta 0.04
 
 Run it:
-    python demo.py                                    # CPU, no downloads, ~4 min: SFT -> Pretext-GRPO / ViSS-R1
+    python demo.py                                    # CPU, no downloads, ~5 min: SFT -> Pretext-GRPO / ViSS-R1
     python annotate.py --model Qwen/Qwen2.5-VL-72B-Instruct --data Video-R1-COT-165k.json ...  # SSL-CoT SFT data
     python viss_r1.py --stage viss --model sft_out/ --data train.jsonl --media_root data/ --out out/
     torchrun --nproc_per_node 8 viss_r1.py --stage viss --model sft_out/ --data train.jsonl \
@@ -50,8 +50,7 @@ Deliberate departures from the release (each one is explained where it is implem
   8. Every prompt's sampling is seeded by its position in the data stream, so a run resumed after a kill,
      or run on another number of GPUs, draws the same completions.
   9. SFT: the loss covers the target tokens only (the release's also covers the prompt's); no system message
-     (the release's SFT prompt has one, and fills the type-instruction slot with the bare problem type): a
-     --prompts file can add one.
+     (the release's SFT prompt has one, and puts the bare problem type in the type-instruction slot): --prompts.
  10. T-GRPO's bonus needs ordered accuracy >= 0.8 x shuffled (Video-R1's rule); the ViSS-R1 release's
      baseline trainer uses 1.0 x.
  11. Every pretext task of a modality is on by default; the release's final RL run hard-codes video `arrow`
@@ -104,6 +103,8 @@ class Args:
                              "enabled pretext tasks, comma-separated (the release's final video RL: arrow)")
     temporal: bool = arg(False, "T-GRPO bonus (grpo stage, video rows): also sample G/2 on permuted frames")
     length_bonus: bool = arg(True, "+0.2 for accurate completions of 320..512 (viss: 768) tokens")
+    sft_join: str = arg("newline", "SFT target: the <think> block, <transform> and <answer> joined by a newline (the "
+                        "release) or nothing", ("newline", "none"))
     # rollout
     num_generations: int = arg(8, "G: completions per prompt, one group per prompt")
     per_device_prompts: int = arg(1, "prompts per process per step (the paper: 1 on each of 8 GPUs)")
@@ -745,18 +746,15 @@ def render_prompt(kind: str, row: dict | None = None, task: str | None = None, n
     return (prompt["system"].format(**fields) if prompt.get("system") else None), prompt["user"].format(**fields)
 
 
-def r1_prompt(row: dict) -> str:
-    """Video-R1's prompt: question, inner-dialogue paragraph, <think>/<answer> contract, type instruction."""
+def r1_prompt(row: dict) -> str:  # Video-R1's: question, inner dialogue, <think>/<answer> contract, type instruction
     return render_prompt("r1", row)[1]
 
 
-def pretext_prompt(task: str, num_frames: int) -> str:
-    """Pretext-GRPO prompt: the pretext question, a focus hint, and the multiple-choice answer contract."""
+def pretext_prompt(task: str, num_frames: int) -> str:  # Pretext-GRPO's: pretext question, focus hint, contract
     return render_prompt("pretext", task=task, num_frames=num_frames)[1]
 
 
-def viss_prompt(row: dict, task: str, num_frames: int) -> str:
-    """ViSS-R1 prompt: transformed-media header, two progressive questions, 3-tag output contract."""
+def viss_prompt(row: dict, task: str, num_frames: int) -> str:  # header, two progressive questions, 3-tag contract
     return render_prompt("viss", row, task, num_frames)[1]
 
 # ---------------------------------------------------------------------------------------------------------
@@ -924,27 +922,6 @@ def group_rewards(completions: list[str], lengths: list[int], solution: str, pro
     totals = [sum(vals) for vals in zip(*parts.values())]
     return totals, parts
 
-LEAK = re.compile(r"ground[\s-]*truth|reference (?:answer|letter)|(?:given|provided|supplied) (?:answer|letter|label|"
-                  r"transformation)|answer key|(?:was|were|been|is|are) (?:given|provided|told|supplied) (?:to me|the)",
-                  re.IGNORECASE)
-
-
-def annotation_verdict(completion: str, letter: str, solution: str, problem_type: str,
-                       min_accuracy: float = 0.6) -> str | None:
-    """Why a teacher's SSL-CoT chain is dropped, or None to keep it: the 3-tag format, the applied transform
-    letter, a right answer (multiple choice and numerical exactly; OCR, free-form and regression at least
-    `min_accuracy`), and no mention of having been given the answers. Stricter than the release, which keeps
-    the teacher's own letter even when it is wrong: such a row would teach the student a wrong label."""
-    if not format_reward(completion, with_transform=True):
-        return "format"
-    if extract_tag(completion, "transform") != letter:
-        return "transform"
-    need = 1.0 if problem_type in ("multiple choice", "numerical") else min_accuracy
-    if accuracy_reward(completion, solution, problem_type) < need:
-        return "answer"
-    if LEAK.search(extract_tag(completion, "think")):
-        return "leak"
-    return None
 
 # ---------------------------------------------------------------------------------------------------------
 # GRPO math (SPEC §5): advantages, memory-safe token log-probs, clipped loss with k3 KL
@@ -1196,7 +1173,7 @@ def make_sample(row: dict, args: Args, spec: VisionSpec, tokenizer, rng: random.
         raise DataError(f"{args.data}: SFT rows need a `process` field (<think>...</think>): {row.get('problem_id')}")
     if mode == "sft":  # the release's SFT target: the parts joined by newlines
         middle = [f"<transform>{LETTERS[option]}</transform>"] if task is not None else []
-        target = "\n".join([row["process"], *middle, row["solution"]])
+        target = {"newline": "\n", "none": ""}[args.sft_join].join([row["process"], *middle, row["solution"]])
     kind_of_prompt = {"sft": "sft_viss" if task is not None else "sft_r1"}.get(mode, mode)
     system, text = render_prompt(kind_of_prompt, row, task, num_frames, templates)
     ids, types = prompt_ids(tokenizer, text, media, spec, grid, system)
@@ -1230,9 +1207,8 @@ class RowStream:
 
 class Policy(torch.nn.Module):
     """The VLM behind a single forward(), so that under FSDP2 every call runs the root module's hooks (they
-    gather the embeddings, lm_head and final norm) and the decoder layers' own. Two kinds of call:
-    a sampler step (no `completion`) returns float32 logits of the last position and the KV cache;
-    a scoring call returns the completion's token log-probs, computed chunk by chunk from hidden states."""
+    gather the embeddings, lm_head and final norm) and the decoder layers' own. A sampler step (no `completion`)
+    returns float32 logits of the last position and the KV cache; a scoring call the completion's token log-probs."""
 
     def __init__(self, model):
         super().__init__()
@@ -1249,6 +1225,8 @@ class Policy(torch.nn.Module):
             inputs["mm_encoder_outputs"] = self.encode_once(inputs, rows)
         if prefix:  # one packed group [prompt; c_1; ...; c_G]: the kwarg reaches every layer's attention call
             inputs["shared_prefix"] = (prefix, completion.shape[0])
+        if completion is not None:  # scoring: no KV cache (the config's default would keep one, unused)
+            inputs["use_cache"] = False
         out = self.model.model(**inputs)  # the Qwen*VLModel: hidden states, never full-vocabulary logits
         h = out.last_hidden_state  # [B, L, D]
         if completion is None:  # [B, V] logits of the next token, and the cache [B, kv_heads, L, d] per layer
@@ -1284,7 +1262,6 @@ class Policy(torch.nn.Module):
 def prefix_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, shared_prefix=None,
                      **kwargs):
     """The language model's attention ("prefix_sdpa"): transformers' sdpa, except on a packed group.
-
     shared_prefix = (P, G): the sequence is [prompt (P); c_1 (C); ...; c_G (C)] and each completion sees the
     prompt and itself only, as in its own row [prompt; c_g]. Split (PrefixGrouper): the prompt attends to itself
     causally (P²/2 query-key pairs); the completions, as a batch [G, H, C, d], attend to [the prompt's keys; their
@@ -1327,8 +1304,7 @@ def vocab_bias(model, spec: VisionSpec, device) -> torch.Tensor:
 
 
 def decoding_ids(model, tokenizer) -> tuple[list[int], int]:
-    """(EOS ids, pad id): the tokenizer's EOS first, then the generation config's (Qwen ships both
-    <|im_end|> and <|endoftext|>); pad falls back to the first EOS."""
+    """(EOS ids, pad id): the tokenizer's EOS, then the generation config's (Qwen: <|im_end|>, <|endoftext|>)."""
     gen = model.generation_config.eos_token_id
     gen = gen if isinstance(gen, list) else [] if gen is None else [gen]
     eos = list(dict.fromkeys([tokenizer.eos_token_id, *gen]))
@@ -1363,13 +1339,9 @@ def _sample_token(logp: torch.Tensor, top_p: float, generator, tries: int = 4) -
 def sample_group(policy: Policy, sample: Sample, G: int, max_new_tokens: int, temperature: float, top_p: float,
                  eos_ids: list[int], pad_id: int, bias: torch.Tensor, generator=None, greedy: bool = False,
                  vis: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """G completions of one prompt -> (token ids [G, C] padded with pad_id after EOS, sampling log-probs [G, C]).
-
-    The vision tower and the prompt prefill run ONCE; the KV cache is then repeated G times and the G samples
-    decode together. (`generate(num_return_sequences=G)`, as the release calls it, prefills the prompt G times;
-    under transformers 4.x it also ran the vision tower G times.)
-    Log-probs are log_softmax(logits / τ) at the sampled tokens, the quantity the loss uses.
-    """
+    """G completions of one prompt -> (token ids [G, C] padded with pad_id after EOS, sampling log-probs [G, C]
+    = log_softmax(logits / τ) at the sampled tokens). The vision tower and the prompt prefill run ONCE, then the
+    KV cache is repeated G times (the release's generate(num_return_sequences=G) prefills the prompt G times)."""
     device = bias.device
     vis = {k: v.to(device) for k, v in (vis or sample.vis).items()}
     ids, types = torch.tensor([sample.ids], device=device), torch.tensor([sample.types], device=device)  # [1, P]
@@ -1395,43 +1367,14 @@ def sample_group(policy: Policy, sample: Sample, G: int, max_new_tokens: int, te
     return torch.stack(tokens, 1), torch.stack(logps, 1)
 
 
-@torch.no_grad()
-def generate_batch(model, samples: list[Sample], eos_ids: list[int], pad_id: int, suppress: list[int],
-                   max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                   synced_gpus: bool = False) -> torch.Tensor:
-    """Completions of B prompts in one `generate` call -> new tokens [B, <= max_new_tokens]: greedy at temperature 0
-    (evaluation), else sampled at exactly `temperature` and `top_p` (every parameter is passed, so a checkpoint's
-    generation_config.json cannot add its own). `synced_gpus`: a teacher sharded with FSDP2 steps all ranks alike.
-
-    input_ids, mm_token_type_ids, attention_mask [B, L] are padded on the left, so every prompt ends where decoding
-    starts (get_rope_index skips the masked pads); the clips' pixel rows, grids and second_per_grid_ts are
-    concatenated in batch order, the order in which the model hands them to the placeholder runs.
-    """
-    L, dev = max(len(s.ids) for s in samples), model.device
-    left = lambda fill, seq: [fill] * (L - len(seq)) + seq  # noqa: E731
-    ids = torch.tensor([left(pad_id, s.ids) for s in samples], device=dev)
-    types = torch.tensor([left(0, s.types) for s in samples], device=dev)
-    mask = torch.tensor([left(0, [1] * len(s.ids)) for s in samples], device=dev)
-    vis = {k: torch.cat([s.vis[k] for s in samples if k in s.vis]).to(dev) for k in
-           ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
-           if any(k in s.vis for s in samples)}
-    how = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else \
-        dict(do_sample=False, temperature=None, top_p=None)
-    out = model.generate(input_ids=ids, attention_mask=mask, mm_token_type_ids=types, **vis, **how, top_k=None,
-                         repetition_penalty=None, suppress_tokens=suppress, max_new_tokens=max_new_tokens,
-                         eos_token_id=eos_ids, pad_token_id=pad_id, synced_gpus=synced_gpus)
-    return out[:, L:]
-
-
 def sequence_logprobs(policy: Policy, sample: Sample, completion: torch.Tensor, temperature: float,
                       bias: torch.Tensor | None, shared: bool = True) -> torch.Tensor:
-    """Scoring forward: log-probs [G, C] of `completion` [G, C] after the prompt, with the same vision inputs,
-    second_per_grid_ts and 3-D positions the sampler used (the Video-R1 trainer dropped second_per_grid_ts
-    here, so its scores came from different positions than its samples). The G rows share one run of the
-    vision tower; the trainers that batch G copies of the prompt run it G times.
+    """Scoring forward: log-probs [G, C] of `completion` [G, C] after the prompt, with the vision inputs,
+    second_per_grid_ts and 3-D positions the sampler used (the Video-R1 trainer dropped second_per_grid_ts here:
+    its scores came from other positions than its samples); the vision tower runs once for the G rows.
     shared: ONE sequence [prompt; c_1; ...; c_G] (prefix_attention), P + G·C tokens instead of G·(P + C); backward
-    sums the G completions' gradients into the one prompt computation, the gradient of G copies. Padding after
-    EOS attends causally, so it changes no kept token's log-prob (as in G rows)."""
+    sums the G completions' gradients into the one prompt computation (the gradient of G copies). Padding after
+    EOS attends causally: it changes no kept token's log-prob."""
     device = completion.device
     G, C = completion.shape
     if shared and G > 1 and 4 * len(sample.ids) >= C:  # below P = C / 4, no faster than G rows (README)
@@ -1714,11 +1657,12 @@ def train(args: Args) -> dict:
         with torch.no_grad(), autocast():
             if ref is not None and not sft:
                 ref_lp = score(ref)
+                if world > 1:
+                    ref.reshard()  # FSDP2 keeps a root gathered for its backward; the reference has none
             if args.num_iterations > 1 and not sft:  # the policy that sampled, for real ratios later
                 old = score(policy)
         # ---- loss and optimizer step (num_iterations updates on the same rollout)
         for _ in range(args.num_iterations):
-            optimizer.zero_grad(set_to_none=True)
             with autocast():
                 logp = score(policy)
                 if sft:  # cross-entropy on the assistant tokens, mean over tokens
@@ -1741,6 +1685,7 @@ def train(args: Args) -> dict:
                 if counters["nonfinite"] > args.max_nonfinite:
                     raise RuntimeError(f"{counters['nonfinite']} non-finite updates (limit --max_nonfinite)")
             scheduler.step()
+            optimizer.zero_grad(set_to_none=True)  # now, not before the next backward: the rollout needs the room
         t_step = time.time() - t0
         # ---- log: gather every rank's numbers; rank 0 prints one status line and appends metrics.jsonl
         local = {"loss": loss.item(), "stats": stats, "parts": ro.get("parts", {}), "len": mask.sum(1).tolist(),
@@ -1807,8 +1752,7 @@ def log_step(args, step, everyone, grad_norm, lr, t_rollout, t_step, sft, R) -> 
 
 
 def reporter(args: Args):
-    """--report_to: a function that sends one metrics row where people already look at runs. TensorBoard and
-    wandb are imported only when asked for: neither is a requirement."""
+    """--report_to: a function sending one metrics row to TensorBoard or wandb (imported only when asked for)."""
     if args.report_to == "tensorboard":
         from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
         writer = SummaryWriter(os.path.join(args.out, "tensorboard"))
