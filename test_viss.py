@@ -1970,7 +1970,7 @@ def test_demo_pipeline_end_to_end_with_few_steps(tmp_path):
     its curves as SVG, the held-out evaluation with the probes, and then `eval.py --ckpt out/` with no other flag."""
     import decord
     out = tmp_path / "demo"
-    summary = D.run_demo(str(out), sft_steps=2, rl_steps=2)
+    summary = D.run_demo(str(out), sft_steps=2, rl_steps=2, pretext_steps=2)
     assert set(summary["curves"]) == {label for label, *_ in D.DEMO_CURVES} and summary["minutes"] > 0
     for stage_dir in (out / "sft", out / "pretext", out):
         assert len(read_metrics(stage_dir)) == 2

@@ -15,7 +15,7 @@ and for answering the user's question about the restored clip, inside the same G
     GRPO / T-GRPO  the Video-R1 baseline on the original clip, beta 0.04
 
 Run it:
-    python demo.py                                    # CPU, no downloads, ~5 min: SFT -> Pretext-GRPO / ViSS-R1
+    python demo.py                                    # CPU, no downloads, ~4 min: SFT -> Pretext-GRPO / ViSS-R1
     python annotate.py --model Qwen/Qwen2.5-VL-72B-Instruct --data Video-R1-COT-165k.json ...  # SSL-CoT SFT data
     python viss_r1.py --stage viss --model sft_out/ --data train.jsonl --media_root data/ --out out/
     torchrun --nproc_per_node 8 viss_r1.py --stage viss --model sft_out/ --data train.jsonl \
