@@ -1171,7 +1171,7 @@ def make_sample(row: dict, args: Args, spec: VisionSpec, tokenizer, rng: random.
         solution, ptype = f"<answer>{LETTERS[option]}</answer>", "multiple choice"
     if mode == "sft" and "process" not in row:
         raise DataError(f"{args.data}: SFT rows need a `process` field (<think>...</think>): {row.get('problem_id')}")
-    if mode == "sft":  # the release's SFT target: the parts joined by newlines
+    if mode == "sft":  # the SFT target: the parts joined by --sft_join (the release: newlines)
         middle = [f"<transform>{LETTERS[option]}</transform>"] if task is not None else []
         target = {"newline": "\n", "none": ""}[args.sft_join].join([row["process"], *middle, row["solution"]])
     kind_of_prompt = {"sft": "sft_viss" if task is not None else "sft_r1"}.get(mode, mode)
