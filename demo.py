@@ -338,6 +338,19 @@ def window_means(values: list[float], window: int = 10) -> list[float]:
     return [sum(values[i:i + window]) / len(values[i:i + window]) for i in range(0, len(values), window)]
 
 
+# the demo's RL settings; constant lr: with cosine decay, runs that find the cue late (seed-dependent) stall
+RL_FLAGS = ["--learning_rate", "1e-3", "--lr_scheduler_type", "constant", "--temperature", "0.7", "--top_p", "1.0",
+            "--max_completion_length", "20"]
+
+
+def demo_flags(data: str, size: int, seed: int, log_rollouts_every: int) -> list[str]:
+    """Every stage's flags on the demo's clips: 4 frames of size² px, 8 prompts a step, the `arrow` task, no
+    checkpoint before the last step."""
+    return ["--media_root", data, "--nframes", "4", "--video_min_pixels", str(size * size), "--video_max_pixels",
+            str(size * size), "--per_device_prompts", "8", "--save_steps", "100000", "--log_rollouts_every",
+            str(log_rollouts_every), "--seed", str(seed), "--pretext_tasks", "arrow"]
+
+
 def run_demo(root: str = "out", seed: int = 42, sft_steps: int = 100, rl_steps: int = 240,
              pretext_steps: int | None = 160, evaluate: bool = True) -> dict:
     """`python demo.py`: on synthetic clips with a tiny Qwen2.5-VL built on the spot, a short SFT cold start
@@ -356,19 +369,15 @@ def run_demo(root: str = "out", seed: int = 42, sft_steps: int = 100, rl_steps: 
     corpus = [V.r1_prompt(json.loads(line)) for line in open(rl)][:4]
     base = build_tiny_checkpoint(os.path.join(root, "base"), "qwen2_5_vl", corpus=corpus, vision_hidden=64,
                                  vocab_size=2000, seed=seed)
-    common = ["--media_root", os.path.join(root, "data"), "--nframes", "4", "--video_min_pixels", str(size * size),
-              "--video_max_pixels", str(size * size), "--per_device_prompts", "8", "--save_steps", "100000",
-              "--log_rollouts_every", "25", "--seed", str(seed), "--pretext_tasks", "arrow"]
-    # constant lr: with cosine decay, runs that find the cue late (seed-dependent) stall before they reach it
-    rlx = ["--learning_rate", "1e-3", "--lr_scheduler_type", "constant", "--temperature", "0.7", "--top_p", "1.0",
-           "--max_completion_length", "20"]
-    # Pretext-GRPO has converged by ~150 steps on every seed tried; at constant lr, more steps only drift
+    common = demo_flags(os.path.join(root, "data"), size, seed, log_rollouts_every=25)
     # --sft_join none: with the release's newlines between the tags, this tiny model learned to loop
     # "<think>..</think>\n<think>.." within its 20 tokens and neither RL stage learned its cue (README)
     sftx = ["--learning_rate", "3e-3", "--max_steps", str(sft_steps), "--sft_join", "none"]
+    # Pretext-GRPO has converged by ~150 steps on every seed tried; at constant lr, more steps only drift
     stages = [("sft", base, sft, root + "/sft", sftx),
-              ("pretext", root + "/sft", rl, root + "/pretext", rlx + ["--max_steps", str(pretext_steps or rl_steps)]),
-              ("viss", root + "/sft", rl, root, rlx + ["--max_steps", str(rl_steps)])]
+              ("pretext", root + "/sft", rl, root + "/pretext",
+               RL_FLAGS + ["--max_steps", str(pretext_steps or rl_steps)]),
+              ("viss", root + "/sft", rl, root, RL_FLAGS + ["--max_steps", str(rl_steps)])]
     metrics = {}
     for stage, model, data, out, extra in stages:
         V.print0(f"\n=== {stage}: {model} -> {out} ===")
@@ -529,11 +538,7 @@ def run_shortcut(root: str = "shortcut", seeds: tuple = (1, 2, 3), sft_steps: in
         corpus = [V.r1_prompt(json.loads(line)) for line in open(files["train"])][:4] + CUE_QUESTIONS
         base = build_tiny_checkpoint(os.path.join(base_dir, "base"), "qwen2_5_vl", corpus=corpus, vision_hidden=64,
                                      vocab_size=2000, seed=seed)
-        common = ["--media_root", os.path.join(base_dir, "data"), "--nframes", "4", "--video_min_pixels",
-                  str(size * size), "--video_max_pixels", str(size * size), "--per_device_prompts", "8",
-                  "--save_steps", "100000", "--log_rollouts_every", "0", "--seed", str(seed), "--pretext_tasks",
-                  "arrow", "--learning_rate", "1e-3", "--lr_scheduler_type", "constant", "--temperature", "0.7",
-                  "--top_p", "1.0", "--max_completion_length", "20"]
+        common = demo_flags(os.path.join(base_dir, "data"), size, seed, log_rollouts_every=0) + RL_FLAGS  # SFT too
 
         def stage(name, model, data, out, steps, *extra):
             if not os.path.isfile(os.path.join(out, "meta.json")):  # done already: a rerun continues
