@@ -782,7 +782,7 @@ def print_step(pair: dict) -> dict:
     """Both scoring modes of one completion length side by side; -> the pair with their ratios."""
     rows, shared = dict(pair["rows"]), dict(pair["shared"])
     N = rows["N"]
-    print(f"  N={N}: {'per-row':>22s} {'prefix-shared':>22s}   per-row / shared")
+    print(f"  N={N}: {'per-row time':>18s}{'MFU':>14s}{'shared':>11s}{'MFU':>14s}   per-row / shared")
     for k in PARTS:
         a, b = rows["parts"][k], shared["parts"][k]
         print(f"    {k:13s} {a['median']:8.3f}s ±{a['spread']:.3f} {a['mfu']:6.1%}  {b['median']:8.3f}s "

@@ -351,7 +351,7 @@ def demo_flags(data: str, size: int, seed: int, log_rollouts_every: int) -> list
             str(log_rollouts_every), "--seed", str(seed), "--pretext_tasks", "arrow"]
 
 
-def run_demo(root: str = "out", seed: int = 42, sft_steps: int = 100, rl_steps: int = 240,
+def run_demo(root: str = "out", seed: int = 42, sft_steps: int = 150, rl_steps: int = 240,
              pretext_steps: int | None = 160, evaluate: bool = True) -> dict:
     """`python demo.py`: on synthetic clips with a tiny Qwen2.5-VL built on the spot, a short SFT cold start
     (the output formats, and in the ViSS format the transform letter really applied, as SSL-CoT rows carry it;
@@ -377,7 +377,7 @@ def run_demo(root: str = "out", seed: int = 42, sft_steps: int = 100, rl_steps: 
     stages = [("sft", base, sft, root + "/sft", sftx),
               ("pretext", root + "/sft", rl, root + "/pretext",
                RL_FLAGS + ["--max_steps", str(pretext_steps or rl_steps)]),
-              ("viss", root + "/sft", rl, root, RL_FLAGS + ["--max_steps", str(rl_steps)])]
+              ("viss", root + "/sft", rl, root, RL_FLAGS + ["--max_steps", str(rl_steps), "--lr_scheduler_type", "cosine"])]
     metrics = {}
     for stage, model, data, out, extra in stages:
         V.print0(f"\n=== {stage}: {model} -> {out} ===")
