@@ -1974,6 +1974,9 @@ def test_demo_pipeline_end_to_end_with_few_steps(tmp_path):
     assert set(summary["curves"]) == {label for label, *_ in D.DEMO_CURVES} and summary["minutes"] > 0
     for stage_dir in (out / "sft", out / "pretext", out):
         assert len(read_metrics(stage_dir)) == 2
+    # ViSS-R1 runs 16 completions a prompt at half Pretext-GRPO's lr (README: at 8 and 1e-3 the letter collapsed)
+    settings = {d: json.load(open(out / d / "meta.json"))["args"] for d in ("pretext", ".")}
+    assert [(a["num_generations"], a["learning_rate"]) for a in settings.values()] == [(8, 1e-3), (16, 5e-4)]
     rows = V.load_rows(str(out / "data" / "rl.jsonl"))
     assert len(rows) == 64 and len(json.load(open(out / "data" / "eval_demo.json"))) == 32
     for row in rows[:4]:  # the scene's dominant channel is the answer's colour; it brightens frame by frame
