@@ -438,8 +438,10 @@ def svg_chart(series: dict[str, list[tuple[float, float]]], title: str, xlabel: 
               y_range: tuple[float, float] | None = None, width: int = 760, height: int = 380) -> str:
     """One line chart: a polyline per series (its <title> is the series' label), axes with ticks, a legend.
     A point (x, y) is drawn at (L + (x - x0) / (x1 - x0) · W, T + (y1 - y) / (y1 - y0) · H) in the plot area
-    [L, L + W] x [T, T + H] = [60, 620] x [40, 330] at the default size."""
+    [L, L + W] x [T, T + H] = [60, 620] x [40, 330] at the default size. The legend sits right of the plot
+    area, and the picture widens so that the longest label fits (7 px a character at 12 px)."""
     L, T, W, H = 60, 40, width - 200, height - 90
+    width = max(width, L + W + 50 + 7 * max(map(len, series)))
     xs = [x for pts in series.values() for x, _ in pts]
     ys = [y for pts in series.values() for _, y in pts]
     x0, x1 = min(xs), max(xs)

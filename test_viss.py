@@ -2017,6 +2017,8 @@ def test_svg_curves_put_each_point_where_it_belongs(tmp_path):
         return " ".join(f"{60 + (s - 1) / 3 * 560:.1f},{40 + (1 - v) / 0.75 * 290:.1f}" for s, v in zip(range(1, 5), vals))
     assert lines["reward"] == expect([1, 0.5, 0.5, 0.5])
     assert lines["rewards/accuracy/mean"] == expect([0.25, 0.375, 0.625, 0.875])
+    width = int(ET.parse(svg).getroot().get("width"))  # the legend's longest label fits right of the plot
+    assert width >= 60 + 560 + 50 + 7 * len("rewards/accuracy/mean") and width > 760
     assert D.main(["--plot", str(tmp_path / "metrics.jsonl"), "--keys", "loss"])["svg"].endswith("curves.svg")
 
 
