@@ -285,6 +285,16 @@ def colour_row(i: int, color: str, path: str, question: str = "What colour is th
             "solution": f"<answer>{V.LETTERS[names.index(color)]}</answer>", "path": path, "data_source": "demo"}
 
 
+def cold_start_rows(row: dict, rng) -> list[dict]:
+    """One clip's two SFT rows: the r1 format, and the ViSS format naming the `arrow` transform really applied
+    (--stage sft replays it: the letter is the truth); one random answer letter for both, so SFT teaches no answer."""
+    guess = f"<answer>{V.LETTERS[rng.integers(4)]}</answer>"
+    reversed_ = rng.random() < V.ARROW_REVERSE_P
+    return [dict(row, process="<think>I look.</think>", solution=guess),
+            dict(row, process="<think>I look.</think>", solution=guess, trans_opt="arrow",
+                 trans_ans="B" if reversed_ else "A")]
+
+
 def write_demo_data(root: str, n: int = 64, size: int = 56, frames: int = 4, seed: int = 0,
                     n_eval: int = 32) -> tuple[str, str]:
     """Synthetic clips a tiny model can learn from: cues every vision token carries, the way it carries colour.
@@ -308,11 +318,7 @@ def write_demo_data(root: str, n: int = 64, size: int = 56, frames: int = 4, see
             held_out.append(dict(row, original_question_type="colour"))
             continue
         rl.append(row)
-        guess = f"<answer>{V.LETTERS[rng.integers(4)]}</answer>"  # uninformative: teaches the format only
-        sft.append(dict(row, process="<think>I look.</think>", solution=guess))
-        reversed_ = rng.random() < V.ARROW_REVERSE_P  # replayed by --stage sft: the letter is the truth
-        sft.append(dict(row, process="<think>I look.</think>", solution=guess, trans_opt="arrow",
-                        trans_ans="B" if reversed_ else "A"))
+        sft += cold_start_rows(row, rng)
     paths = os.path.join(root, "rl.jsonl"), os.path.join(root, "sft.jsonl")
     for path, data in zip(paths, (rl, sft)):
         with open(path, "w") as f:
@@ -517,10 +523,7 @@ def write_shortcut_data(root: str, seed: int = 0, n_train: int = 64, n_test: int
             if split == "train":
                 write_y4m(os.path.join(root, f"videos/grey_{i:03d}.y4m"), np.full_like(clip, 128))
                 splits["train_grey"].append(dict(row, path=f"./videos/grey_{i:03d}.y4m"))
-                guess = f"<answer>{V.LETTERS[rng.integers(4)]}</answer>"  # the cold start teaches no answer
-                splits["sft"].append(dict(row, process="<think>I look.</think>", solution=guess))
-                splits["sft"].append(dict(row, process="<think>I look.</think>", solution=guess, trans_opt="arrow",
-                                          trans_ans="B" if rng.random() < V.ARROW_REVERSE_P else "A"))
+                splits["sft"] += cold_start_rows(row, rng)
     files = {}
     for split, rows in splits.items():
         files[split] = os.path.join(root, f"{split}.jsonl" if split in ("train", "train_grey", "sft")
