@@ -364,7 +364,7 @@ def demo_flags(data: str, size: int, seed: int, log_rollouts_every: int) -> list
 
 
 def run_demo(root: str = "out", seed: int = 42, sft_steps: int = 100, rl_steps: int = 400,
-             pretext_steps: int | None = 160, evaluate: bool = True) -> dict:
+             pretext_steps: int = 160, evaluate: bool = True) -> dict:
     """`python demo.py`: on synthetic clips with a tiny Qwen2.5-VL built on the spot, a short SFT cold start
     (the output formats, and in the ViSS format the transform letter really applied, as SSL-CoT rows carry it;
     the user answers are random), then the paper's two RL recipes from that checkpoint: Pretext-GRPO (pretext
@@ -388,7 +388,7 @@ def run_demo(root: str = "out", seed: int = 42, sft_steps: int = 100, rl_steps: 
     # Pretext-GRPO has converged by ~150 steps on every seed tried; at constant lr, more steps only drift
     stages = [("sft", base, sft, root + "/sft", sftx),
               ("pretext", root + "/sft", rl, root + "/pretext",
-               RL_FLAGS + ["--max_steps", str(pretext_steps or rl_steps)]),
+               RL_FLAGS + ["--max_steps", str(pretext_steps)]),
               ("viss", root + "/sft", rl, root, RL_FLAGS + VISS_FLAGS + ["--max_steps", str(rl_steps)])]
     metrics = {}
     for stage, model, data, out, extra in stages:
