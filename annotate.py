@@ -151,11 +151,13 @@ def draw(row: dict, index: int, frames: int, args) -> tuple[str, int]:
     return V.sample_pretext(row["data_type"], tasks, random.Random(f"{args.seed}/{index}"))
 
 
-def prepare(row: dict, index: int, args, spec, tokenizer) -> tuple[V.Sample, dict]:
-    """The teacher's Sample for one row, and the fields its kept row stores so that --stage sft replays it
-    exactly: the frame count sampled (nframes) and the pixel bounds. Raises MediaError."""
+def prepare(row: dict, index: int, args, spec, tokenizer, media: V.Media | None = None) -> tuple[V.Sample, dict]:
+    """The teacher's Sample for one row (its media read from the file unless given), and the fields its kept row
+    stores so that --stage sft replays it exactly: the frame count sampled (nframes) and the pixel bounds.
+    Raises MediaError."""
     kind = row["data_type"]
-    media = V.load_media(V.resolve_path(row["path"], args.media_root), kind, args.nframes or None, args.max_frames)
+    if media is None:
+        media = V.load_media(V.resolve_path(row["path"], args.media_root), kind, args.nframes or None, args.max_frames)
     task, option = draw(row, index, len(media.frames), args)
     replay = {"nframes": len(media.frames)} if kind == "video" else {}
     lo, hi = V.pixel_bounds(args, kind)
@@ -170,30 +172,38 @@ def prepare(row: dict, index: int, args, spec, tokenizer) -> tuple[V.Sample, dic
     return V.Sample(row, "annotate", ids, types, vis, row["solution"], row["problem_type"], task, option), replay
 
 
-def annotate_batch(rows: list[dict], batch: list[int], args, ctx, dummy: list[int]) -> list[dict]:
-    """Records (kind "kept" | "rejected" | "failed") for rows `batch`. A sharded teacher needs every rank in every
-    generate call: a rank with nothing to annotate generates for a `dummy` row and discards it."""
-    records, ready = [], []
+def stand_in(kind: str, args, ctx) -> tuple[None, V.Sample, dict]:
+    """A grey clip (or image) with an empty question: what a rank with nothing to annotate generates for, so that
+    a sharded teacher's collectives run on every rank. Made, never read: no file can fail it."""
+    row = {"problem": "", "options": [], "problem_type": "multiple choice", "solution": "<answer>A</answer>",
+           "data_type": kind}
+    grey = torch.full((max(2, args.nframes) if kind == "video" else 1, 3, ctx.spec.factor, ctx.spec.factor), 128,
+                      dtype=torch.uint8)
+    return (None, *prepare(row, -1, args, ctx.spec, ctx.tokenizer, V.Media(grey, kind, path="(stand-in)")))
+
+
+def annotate_batch(rows: list[dict], batch: list[int], kind: str, args, ctx) -> tuple[list[dict], str | None]:
+    """(records (kind "kept" | "rejected" | "failed") for rows `batch`, why this rank must stop or None). A sharded
+    teacher needs every rank in every generate call: a rank with nothing it can annotate generates for a stand-in,
+    and so does a rank that met an error (reported after the call, in the round's gather)."""
+    records, ready, why = [], [], None
     for i in batch:
         try:
             ready.append((i, *prepare(rows[i], i, args, ctx.spec, ctx.tokenizer)))
         except V.MediaError as e:  # named, counted, never written as a row
             records.append({"kind": "failed", "source_index": i, "path": rows[i]["path"], "error": str(e)})
-    todo = ready
-    for i in dummy if not ready and args.shard_teacher and ctx.world > 1 else []:
-        try:
-            todo = [(None, *prepare(rows[i], i, args, ctx.spec, ctx.tokenizer))]
+        except Exception as e:  # noqa: BLE001 -- anything else stops every rank, after this round's generate
+            why, ready = V.reason(e), []
             break
-        except V.MediaError:
-            continue
+    todo = ready or ([stand_in(kind, args, ctx)] if args.shard_teacher and ctx.world > 1 else [])
     if not todo:
-        return records
+        return records, why
     if args.temperature > 0:  # sampled: seeded by the batch, so a rerun samples the same
         torch.manual_seed(hash((args.seed, tuple(i for i, _, _ in todo))) % 2 ** 31)
     new = E.generate_batch(ctx.model, [s for _, s, _ in todo], ctx.eos_ids, ctx.pad_id, ctx.suppress,
                            args.max_new_tokens, args.temperature, args.top_p,
                            synced_gpus=args.shard_teacher and ctx.world > 1)
-    for (i, s, replay), text in zip(ready, ctx.tokenizer.batch_decode(new, skip_special_tokens=True)):
+    for (i, s, replay), text in zip(ready, ctx.tokenizer.batch_decode(new, skip_special_tokens=True)):  # not todo
         text, row = text.strip(), rows[i]
         reason = annotation_verdict(text, s.letter, row["solution"], row["problem_type"], args.min_accuracy)
         if reason is None:
@@ -204,7 +214,7 @@ def annotate_batch(rows: list[dict], batch: list[int], args, ctx, dummy: list[in
             records.append({"kind": "rejected", "source_index": i, "problem_id": row.get("problem_id"),
                             "problem_type": row["problem_type"], "trans_opt": s.task, "trans_ans": s.letter,
                             "reason": reason, "completion": text})
-    return records
+    return records, why
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -265,10 +275,20 @@ def merge(folder: str) -> dict:
 
 
 def main(argv=None) -> dict:
-    from tqdm import tqdm
     args = parse_args(argv)
     if args.merge:
         return merge(args.merge)
+    try:
+        return annotate(args)
+    except V.RunStopped as e:  # agreed by every rank; one prints why
+        raise SystemExit(f"error: {e}" if int(os.environ.get("RANK", 0)) == 0 else 1) from None
+    finally:
+        if torch.distributed.is_initialized():  # every rank is past its last collective here
+            torch.distributed.destroy_process_group()
+
+
+def annotate(args) -> dict:
+    from tqdm import tqdm
     try:  # the data and the prompt file are checked before the teacher loads
         rows, _ = V.load_rows(args.data), V.load_prompts(args.prompts)
     except V.DataError as e:
@@ -291,8 +311,10 @@ def main(argv=None) -> dict:
         batches = [todo[b:b + args.batch_size] for b in range(0, len(todo), args.batch_size)]
         for r in range(math.ceil(len(batches) / world)):  # the same number of rounds on every rank
             k = r * world + rank
-            records = annotate_batch(rows, batches[k] if k < len(batches) else [], args, ctx, todo)
-            everyone = sorted(sum(V.all_gather(records, world), []),
+            records = annotate_batch(rows, batches[k] if k < len(batches) else [], kind, args, ctx)
+            everyone = V.all_gather(records, world)
+            V.stop_if_any([why for _, why in everyone])  # one rank's error is every rank's stop
+            everyone = sorted(sum((recs for recs, _ in everyone), []),
                               key=lambda x: x["row"]["source_index"] if "row" in x else x["source_index"])
             if rank == 0:  # one append per file per round: a kill loses this round at most
                 for key, verdict in (("ssl_cot", "kept"), ("rejects", "rejected"), ("failed", "failed")):
@@ -314,7 +336,6 @@ def main(argv=None) -> dict:
             print(f"{len(failed)} row(s) failed on their media, e.g. {failed[0]['error']} (all in {files['failed']})")
     if world > 1:  # every rank done with the group before any tears it down (gloo aborts otherwise)
         torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
     return summary
 
 

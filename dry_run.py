@@ -2,10 +2,11 @@
 dry_run.py: will this training run fit? A per-GPU memory plan of one ViSS-R1 step, measured before any GPU is
 touched, by running viss_r1.py's own code on fake tensors (shapes and sizes, no data).
 
-    python dry_run.py --stage viss --model CFG_DIR --world_size 8 --bf16 --gradient_checkpointing --gpu_memory 80,40
+    python dry_run.py --stage viss --model CFG_DIR --world_size 8 --gpu_memory 80,40   # bf16 + checkpointing
     python -c "import demo; demo.write_qwen25_vl_config('cfg/qwen2.5-vl-7b', '7b')"    # a config-only CFG_DIR
 
-Every viss_r1.py training flag is accepted (stage presets included) and means what it means there; --model may
+Every viss_r1.py training flag is accepted (stage presets included) and means what it means there, with the
+defaults of a run on CUDA (--bf16 and --gradient_checkpointing on unless --no-bf16 etc.); --model may
 be a config-only directory (config.json, tokenizer, preprocessor_config.json: no weights are read). The real
 architecture is built on fake tensors, sharded with FSDP2 exactly as the run shards it (viss_r1.make_policy)
 over a fake process group of --world_size ranks, and one step runs through the functions train() calls:
@@ -596,7 +597,8 @@ def verdict(res: dict, gpu_memory: float, reserve: float) -> dict:
     return {"peak_phase": phase, "peak": peak, "fits": not over, "overflowing": over, "usable": usable}
 
 
-def format_plan(res: dict, args: V.Args, cards: list[float], reserve: float, brief: bool = False) -> str:
+def format_plan(res: dict, args: V.Args, cards: list[float], reserve: float, brief: bool = False,
+                device_defaults: tuple = ()) -> str:
     """The printed plan: what was planned, the table by phase and category with a column per card size, one
     verdict line per card, and (unless brief) how it was measured."""
     b = lambda n: f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"  # noqa: E731
@@ -604,6 +606,8 @@ def format_plan(res: dict, args: V.Args, cards: list[float], reserve: float, bri
     shard = f"FSDP2 over {res['world']} ranks" if res["world"] > 1 else "one process (no sharding)"
     flags = ", ".join(f for f, on in (("bf16", args.bf16), ("gradient checkpointing", args.gradient_checkpointing))
                       if on) or "float32"
+    if device_defaults:  # flags the command line left to their default for a run on CUDA
+        flags += f" ({' and '.join('--' + k for k in device_defaults)}: the CUDA default{'s' * (len(device_defaults) > 1)})"
     (h, w), n = res["frame"], args.per_device_prompts
     top = max((r["total"] for r in res["phases"].values()), default=0)
     unit, div = ("GiB", GiB) if top >= GiB else ("MiB", 1 << 20)  # tiny models in MiB
@@ -668,7 +672,9 @@ def parse(argv=None) -> tuple[argparse.Namespace, V.Args]:
     p.add_argument("--brief", action="store_true", help="the table and verdicts only, not how they were measured")
     p.add_argument("--json", default=None, help="also write the plan to this file")
     own, rest = p.parse_known_args(argv)
-    return own, V.parse_args(rest)
+    # a plan is for GPUs: --bf16 and --gradient_checkpointing default to what a run on CUDA gets (both on)
+    own.device_defaults = [k for k in V.DEVICE_DEFAULTS if not {f"--{k}", f"--no-{k}"} & set(rest)]
+    return own, V.parse_args(rest, cuda=True)
 
 
 def main(argv=None) -> dict:
@@ -682,7 +688,7 @@ def main(argv=None) -> dict:
     res = run_plan(args, own.world_size, own.tensors == "fake", own.video_size, own.full_decode)
     if res["rank"] == 0:
         cards = [float(c) for c in own.gpu_memory.split(",")]
-        print(format_plan(res, args, cards, own.reserve, own.brief), flush=True)
+        print(format_plan(res, args, cards, own.reserve, own.brief, own.device_defaults), flush=True)
         if own.json:
             with open(own.json, "w") as f:
                 json.dump(dict(res, verdicts={f"{c:g}": verdict(res, c, own.reserve) for c in cards}), f, indent=1)

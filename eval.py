@@ -296,13 +296,12 @@ def predict(name: str, rows: list[dict], ids: list[str], idx: list[int], probe: 
                "category": next((str(row[k]) for k in CATEGORY_FIELDS if k in row), None),
                "gt": V.extract_tag(row["solution"]), "output": None, "answer": None, "score": None, "failed": None}
         records.append(rec)
-        try:  # a missing or undecodable file fails this item only; the message names the file
+        rng = random.Random(f"{args.seed}/{name}/{ids[i]}/{probe}")  # a str seed hashes the same in every process
+        try:  # a missing or undecodable file (or a frame no grid fits) fails this item only; the message names it
             media = V.load_media(V.resolve_path(row["path"], args.media_root), row["data_type"], nframes=args.nframes)
+            ready.append((rec, prepare(row, media, probe, args.prompt, args, ctx.spec, ctx.tokenizer, rng)))
         except V.MediaError as e:
             rec["failed"] = str(e)
-            continue
-        rng = random.Random(f"{args.seed}/{name}/{ids[i]}/{probe}")  # a str seed hashes the same in every process
-        ready.append((rec, prepare(row, media, probe, args.prompt, args, ctx.spec, ctx.tokenizer, rng)))
     if ready:
         new = generate_batch(ctx.model, [s for _, s in ready], ctx.eos_ids, ctx.pad_id, ctx.suppress,
                              args.max_new_tokens)
@@ -330,7 +329,7 @@ def check_settings(args) -> str | None:
             json.dump(now, f, indent=2)
     with open(path) as f:
         old = json.load(f)
-    return None if old == now else f"error: {args.out} holds predictions made with {old}, not {now}; use another --out"
+    return None if old == now else f"{args.out} holds predictions made with {old}, not {now}; use another --out"
 
 
 def load_predictions(path: str) -> dict[tuple, dict]:
@@ -363,8 +362,10 @@ def run_pass(name: str, rows: list[dict], ids: list[str], probe: str, args, ctx,
                dynamic_ncols=True, disable=ctx.rank != 0)
     for b in range(rounds):
         batch = todo[ctx.rank::ctx.world][b * args.batch_size:(b + 1) * args.batch_size]
-        records = sorted(sum(V.all_gather(predict(name, rows, ids, batch, probe, args, ctx), ctx.world), []),
-                         key=lambda r: r["index"])
+        # any other failure on one rank stops every rank at this gather (the others would wait in the next one)
+        everyone = V.all_gather(V.attempt(predict, name, rows, ids, batch, probe, args, ctx), ctx.world)
+        V.stop_if_any([why for _, why in everyone])
+        records = sorted(sum((recs for recs, _ in everyone), []), key=lambda r: r["index"])
         if ctx.rank == 0:
             with open(path, "a") as f:  # one append per batch, flushed on close: a kill loses this batch at most
                 f.writelines(json.dumps(r) + "\n" for r in records)
@@ -409,7 +410,16 @@ def format_table(results: dict, probes: list[str]) -> str:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
+    try:
+        return evaluate(parse_args(argv))
+    except V.RunStopped as e:  # agreed by every rank; one prints why
+        raise SystemExit(f"error: {e}" if int(os.environ.get("RANK", 0)) == 0 else 1) from None
+    finally:
+        if torch.distributed.is_initialized():  # every rank is past its last collective here
+            torch.distributed.destroy_process_group()
+
+
+def evaluate(args) -> dict:
     try:  # every row of every file validated before the model loads: a bad row stops the run with its index
         benches = {name: V.load_rows(path) for name, path in find_benchmarks(args.bench, args.ckpt).items()}
         V.load_prompts(args.prompts)
@@ -418,8 +428,7 @@ def main(argv=None) -> dict:
     rank, world, device = V.setup_distributed()
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
-    if problem := V.all_gather(check_settings(args) if rank == 0 else None, world)[0]:
-        raise SystemExit(problem)  # on every rank together: a lone exit would leave the others waiting
+    V.stop_if_any(V.all_gather(check_settings(args) if rank == 0 else None, world))  # every rank stops together
     ctx = load_checkpoint(args.ckpt, device)
     ctx.rank, ctx.world, results = rank, world, {}
     for name, rows in benches.items():
@@ -445,7 +454,6 @@ def main(argv=None) -> dict:
         print(table, flush=True)
     if world > 1:  # every rank done with the group before any tears it down (gloo aborts otherwise)
         torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
     return results
 
 

@@ -889,6 +889,7 @@ def test_help_gives_every_flag_a_meaning_and_its_default(monkeypatch, capsys):
         line = lines[f"--{f.name}"]
         preset = {s: v[f.name] for s, v in V.STAGES.items() if f.name in v}
         shown = ("per stage: " + ", ".join(f"{s} {v}" for s, v in preset.items()) if preset
+                 else "on when the run is on CUDA, off on CPU" if f.name in V.DEVICE_DEFAULTS
                  else "required" if f.default == "" else str(f.default))
         assert line.endswith(f"(default: {shown})"), line
         meaning = line.split("  ", 1)[1].rsplit("(default:", 1)[0].strip()  # after the flag, before the default
@@ -2398,13 +2399,14 @@ def test_dry_run_7b_paper_settings(qwen7b, tmp_path):
     t0 = time.time()
     out = tmp_path / "plan.json"
     r = subprocess.run([sys.executable, os.path.join(HERE, "dry_run.py"), "--stage", "viss", "--model", qwen7b,
-                        "--world_size", "8", "--bf16", "--gradient_checkpointing", "--gpu_memory", "80,40,24",
+                        "--world_size", "8", "--gpu_memory", "80,40,24",  # bf16 and checkpointing: CUDA's defaults
                         "--json", str(out)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert time.time() - t0 < 120
     res = json.loads(out.read_text())
     P, N, G, C = res["parameters"], 8, 8, 768
     assert P == 8_292_166_656 and "8.29 B parameters (language model 7.62 B, vision 0.68 B)" in r.stdout
+    assert "bf16, gradient checkpointing (--bf16 and --gradient_checkpointing: the CUDA defaults)" in r.stdout
     assert res["video_tokens"] == 2048 and res["frame"] == [224, 448]  # 16 temporal patches x 128 tokens
     ph = res["phases"]
     assert ph["rollout: decode"]["parameters"] == pytest.approx(4 * P / N, rel=0.01)
@@ -2423,3 +2425,200 @@ def test_dry_run_7b_paper_settings(qwen7b, tmp_path):
     assert any(line.startswith("40 GiB card: peak ") and "in rollout: decode, fits with" in line for line in lines)
     assert any(line.startswith("24 GiB card: ") and f"does NOT fit" in line and ", ".join(over) in line
                for line in lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CUDA's behaviour made to happen on CPU: kernel output layouts, non-contiguous inputs, every rank stopping
+# together, the device's default precision (issue: the paper's run must start on GPUs)
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def gpu_sdpa_layout(monkeypatch):
+    """install() makes F.scaled_dot_product_attention return what CUDA's flash, memory-efficient and cuDNN
+    kernels return: the same values in [B, L, H, d] memory seen as [B, H, L, d] (not contiguous). The CPU kernel
+    returns contiguous [B, H, L, d], so without this a `.view` of its output cannot fail here. The returned dict
+    counts the calls."""
+    real = torch.nn.functional.scaled_dot_product_attention
+    calls = {"all": 0}
+
+    def sdpa(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if out.dim() != 4:
+            return out
+        calls["all"] += 1
+        return out.transpose(1, 2).contiguous().transpose(1, 2)  # same values, the kernels' memory order
+
+    def install():
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
+        return calls
+    return install
+
+
+def _steps(demo, out, *extra):
+    V.main(["--stage", "viss", "--model", demo["base"], "--data", demo["rl"], "--media_root", demo["media"],
+            "--out", str(out), "--nframes", "4", *pixels(3136), "--num_generations", "4", "--per_device_prompts", "2",
+            "--max_completion_length", "8", "--max_steps", "2", "--gradient_checkpointing", *extra])
+    return [(m["loss"], m["grad_norm"], m["reward"]) for m in read_metrics(out)]
+
+
+@pytest.mark.parametrize("scoring", ["--prefix_sharing", "--no-prefix_sharing"])
+def test_gpu_attention_layout_through_a_training_step(demo, tmp_path, gpu_sdpa_layout, scoring):
+    """Two training steps with checkpointing, the packed or the per-row scoring path, the attention kernel
+    returning the GPU layout: they run (the packed path used to raise "view size is not compatible") and give
+    exactly the numbers of the CPU layout."""
+    plain = _steps(demo, tmp_path / "plain", scoring)
+    calls = gpu_sdpa_layout()
+    assert _steps(demo, tmp_path / "gpu", scoring) == plain
+    assert calls["all"] > 0
+
+
+def test_gpu_attention_layout_in_eval_and_annotate(evalset, baseline, teacher, tmp_path, gpu_sdpa_layout):
+    """eval.py's and annotate.py's generate under the GPU kernels' layout: the same predictions and the same
+    annotations as the CLI runs on the CPU layout."""
+    calls, out = gpu_sdpa_layout(), tmp_path / "eval"
+    E.main(["--ckpt", evalset["ckpt"], "--media_root", evalset["media"], *EVAL_SMALL, "--bench",
+            os.path.join(evalset["bench"], "eval_vsibench.jsonl"), "--out", str(out), "--batch_size", "2"])
+    strip = lambda recs: [{k: r[k] for k in ("id", "output", "score", "failed")} for r in recs]  # noqa: E731
+    assert strip(read_jsonl(out / "predictions_vsibench.jsonl")) == strip(
+        read_jsonl(baseline[1] / "predictions_vsibench.jsonl"))
+    assert calls["all"] > 0
+    import annotate as N
+    before = calls["all"]
+    N.main(annotate_args(teacher, tmp_path / "gpu"))
+    assert calls["all"] > before
+    assert run_annotate(*annotate_args(teacher, tmp_path / "cpu")).returncode == 0
+    assert read_out(tmp_path / "gpu") == read_out(tmp_path / "cpu")
+
+
+def _transposed_view(x: torch.Tensor, a: int = -1, b: int = -2) -> torch.Tensor:
+    """The same values in other memory: a non-contiguous view, as kernels and slicing hand tensors on."""
+    y = x.transpose(a, b).contiguous().transpose(a, b)
+    assert torch.equal(y, x) and not y.is_contiguous()
+    return y
+
+
+def test_non_contiguous_inputs_give_the_same_results():
+    """prefix_attention, token_logprobs, patchify and the sampler's cache repeat take any strides."""
+    from transformers import DynamicCache
+    g = torch.Generator().manual_seed(0)
+    P, G, C, H, kv, d = 5, 3, 4, 4, 2, 8
+    q, k, v = (torch.randn(1, h, P + G * C, d, generator=g) for h in (H, kv, kv))
+    ref = V.prefix_attention(None, q, k, v, None, shared_prefix=(P, G))[0]
+    got = V.prefix_attention(None, *(_transposed_view(x, 1, 2) for x in (q, k, v)), None, shared_prefix=(P, G))[0]
+    assert torch.equal(got, ref)
+    hidden, weight, targets = torch.randn(3, 6, 16, generator=g), torch.randn(50, 16, generator=g), \
+        torch.randint(0, 50, (3, 6), generator=g)
+    ref = V.token_logprobs(hidden, weight, targets, 0.7, chunk_size=4)
+    got = V.token_logprobs(_transposed_view(hidden, 0, 1), _transposed_view(weight), _transposed_view(targets, 0, 1),
+                           0.7, chunk_size=4)
+    assert torch.allclose(got, ref, atol=1e-6)
+    frames, spec = rand_frames(4, 56, 84), _spec()
+    ref_px, ref_grid = V.patchify(frames, spec)
+    got_px, got_grid = V.patchify(_transposed_view(frames), spec)
+    assert torch.equal(got_px, ref_px) and got_grid == ref_grid
+    keys, values = torch.randn(1, kv, P, d, generator=g), torch.randn(1, kv, P, d, generator=g)
+    a, b = DynamicCache(), DynamicCache()
+    a.update(keys, values, 0)
+    b.update(_transposed_view(keys, 1, 2), _transposed_view(values, 1, 2), 0)
+    a.batch_repeat_interleave(G)
+    b.batch_repeat_interleave(G)
+    assert all(torch.equal(x.layers[0].keys, keys.expand(G, -1, -1, -1)) for x in (a, b))
+    assert torch.equal(a.layers[0].values, b.layers[0].values)
+
+
+def launch_two(script, *args, how="torchrun", timeout=60):
+    """Two processes of `script`: under torchrun's agent, or started directly, one per rank, with the rendezvous
+    in the environment (as `srun` starts them: no agent kills the others when one exits). Fails on a hang."""
+    import signal
+    import socket
+    if how == "torchrun":
+        return torchrun(*args, script=script, timeout=timeout)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, script, *map(str, args)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                              env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", RANK=str(r),
+                                       LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                       MASTER_PORT=str(port))) for r in range(2)]
+    try:
+        outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            os.killpg(p.pid, signal.SIGKILL)
+        pytest.fail(f"the ranks did not all stop within {timeout} s")
+    return subprocess.CompletedProcess(script, max(p.returncode for p in procs), "".join(outs), "")
+
+
+@pytest.mark.parametrize("case,how,reason", [
+    ("sft row without process", "torchrun", "row 5: SFT rows need a `process` field"),
+    ("half the videos missing", "torchrun", "rows had unreadable media"),
+    ("half the videos missing", "direct", "rows had unreadable media"),
+    ("a bug on one rank", "torchrun", "the chat template rendered 2 video placeholders"),
+])
+def test_torchrun_one_rank_meets_a_stop_and_every_rank_stops(demo, tmp_path, case, how, reason):
+    """A stop that one rank meets (a row it alone draws, its own media counter) is agreed on in the step's
+    gather: every rank exits within 60 s, the reason printed once, no rank dies on a closed connection."""
+    rows = V.load_rows(demo["sft"] if case.startswith("sft") else demo["rl"])
+    if case.startswith("sft"):
+        del rows[5]["process"]
+    elif case.startswith("half"):
+        rows = [dict(r, path=f"./videos/missing-{i}.y4m") if i % 2 else r for i, r in enumerate(rows)]
+    else:  # the prompt of this row, and only this one, fails prompt_ids' placeholder check
+        rows[3]["problem"] += " <|video_pad|>"
+    data = tmp_path / "rows.json"
+    data.write_text(json.dumps(rows))
+    stage = "sft" if case.startswith("sft") else "grpo"
+    r = launch_two(os.path.join(HERE, "viss_r1.py"), "--stage", stage, *_base_args(demo, data), "--out",
+                   tmp_path / "out", "--max_steps", 8, "--per_device_prompts", 2, how=how)
+    log = r.stdout + r.stderr
+    assert r.returncode != 0
+    assert log.count(reason) == 1, log[-3000:]
+    assert "Connection closed by peer" not in log
+
+
+def test_eval_and_sharded_annotate_when_one_rank_cannot_read_its_rows(evalset, teacher, tmp_path):
+    """eval.py: a bug met on one rank stops both, reason once. annotate.py --shard_teacher: a rank whose whole
+    batch fails (a clip no grid fits, a missing file) still enters every generate call (a grey stand-in), so the
+    other rank's annotations come out as one process writes them."""
+    rows = V.load_rows(os.path.join(evalset["bench"], "eval_vsibench.jsonl"))
+    rows[1]["problem"] += " <|video_pad|>"
+    (tmp_path / "eval_bug.json").write_text(json.dumps(rows))
+    r = launch_two(os.path.join(HERE, "eval.py"), "--ckpt", evalset["ckpt"], "--media_root", evalset["media"],
+                   *EVAL_SMALL, "--bench", tmp_path / "eval_bug.json", "--out", tmp_path / "eval", "--batch_size", 1)
+    log = r.stdout + r.stderr
+    assert r.returncode != 0 and log.count("rendered 2 video placeholders") == 1, log[-3000:]
+    assert "Connection closed by peer" not in log
+    wide = np.random.default_rng(0).integers(0, 255, (8, 3, 2, 448), dtype=np.uint8)  # aspect ratio 224
+    D.write_y4m(str(tmp_path / "wide.y4m"), wide)
+    data = [dict(teacher["rows"][i], problem_id=i) for i in range(3)]
+    data += [dict(data[0], problem_id=10, path=str(tmp_path / "wide.y4m")),
+             dict(data[0], problem_id=11, path=str(tmp_path / "missing.y4m"))]  # rank 1's batch: none readable
+    t = dict(teacher, data=str(tmp_path / "cot.json"))
+    (tmp_path / "cot.json").write_text(json.dumps(data))
+    import annotate as N
+    N.main(annotate_args(t, tmp_path / "one"))
+    r = launch_two(os.path.join(HERE, "annotate.py"), *annotate_args(t, tmp_path / "two", "--shard_teacher"))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert read_out(tmp_path / "two") == read_out(tmp_path / "one")
+    failed = read_out(tmp_path / "one")[2]
+    assert sorted(f["source_index"] for f in failed) == [3, 4] and "aspect ratio of 2x448" in failed[0]["error"]
+
+
+def test_precision_defaults_are_the_paper_s_on_cuda_and_float32_on_cpu(monkeypatch):
+    """`torchrun ... viss_r1.py --data train.json --media_root data/` (no precision flags) trains as the paper does
+    on a GPU (bf16, gradient checkpointing) and in float32 without checkpointing on CPU; explicit flags win; an
+    Args built in code gets the same from fill_defaults; dry_run.py plans with the CUDA defaults."""
+    argv = ["--data", "train.json", "--media_root", "data/"]
+    cpu = V.parse_args(argv)
+    assert not torch.cuda.is_available() and (cpu.bf16, cpu.gradient_checkpointing) == (False, False)
+    assert (V.fill_defaults(V.Args(), cuda=False).bf16, V.fill_defaults(V.Args(), cuda=False).nframes) == (False, 32)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a (faked) CUDA device
+    gpu = V.parse_args(argv)
+    assert (gpu.bf16, gpu.gradient_checkpointing) == (True, True)
+    assert (V.parse_args(argv + ["--no-bf16"]).bf16, V.parse_args(argv + ["--no-bf16"]).gradient_checkpointing) == \
+        (False, True)
+    assert V.fill_defaults(V.Args()).bf16 is True
+    monkeypatch.undo()
+    own, args = DR.parse(["--model", "cfg", "--no-gradient_checkpointing"])
+    assert (args.bf16, args.gradient_checkpointing, own.device_defaults) == (True, False, ["bf16"])

@@ -19,7 +19,7 @@ Run it:
     python annotate.py --model Qwen/Qwen2.5-VL-72B-Instruct --data Video-R1-COT-165k.json ...  # SSL-CoT SFT data
     python viss_r1.py --stage viss --model sft_out/ --data train.jsonl --media_root data/ --out out/
     torchrun --nproc_per_node 8 viss_r1.py --stage viss --model sft_out/ --data train.jsonl \
-        --media_root data/ --out out/ --bf16 --gradient_checkpointing        # the paper: 8 GPUs, FSDP2
+        --media_root data/ --out out/       # the paper: 8 GPUs, FSDP2, bf16 and checkpointing (CUDA's defaults)
     torchrun --nproc_per_node 8 viss_r1.py ... --resume                      # continue after a kill
     python eval.py --ckpt out/                                               # the six benchmarks
 
@@ -85,6 +85,10 @@ STAGES = {
 }
 
 
+# The paper's precision where the run is on CUDA; on CPU (the demo, the tests) both stay off: float32 is faster there
+DEVICE_DEFAULTS = ("bf16", "gradient_checkpointing")
+
+
 def arg(default, help: str, choices: tuple | None = None):
     """A config field with its one-line meaning: the only place the meaning is written (--help reads it)."""
     return field(default=default, metadata={"help": help, "choices": choices})
@@ -138,16 +142,31 @@ class Args:
     log_rollouts_every: int = arg(10, "print one rollout and dump the step's rollouts every N steps (0: never)")
     seed: int = arg(42, "data order, transforms and sampling; one seed gives the same run on any number of GPUs")
     resume: bool = arg(False, "continue from the latest checkpoint in --out")
-    gradient_checkpointing: bool = arg(False, "recompute decoder layer activations in backward (the paper: on)")
-    bf16: bool = arg(False, "bf16 compute; weights and AdamW state stay float32")
+    gradient_checkpointing: bool | None = arg(None, "recompute decoder layer activations in backward (the paper: on)")
+    bf16: bool | None = arg(None, "bf16 compute; weights and AdamW state stay float32 (the paper: on)")
     max_bad_media: float = arg(0.2, "stop if more than this fraction of rows have unreadable media")
     max_nonfinite: int = arg(10, "stop after this many skipped non-finite updates")
     report_to: str = arg("none", "also send every metrics row to TensorBoard (<out>/tensorboard) or Weights & "
                          "Biases; the package is imported only then", ("none", "tensorboard", "wandb"))
 
 
-def parse_args(argv=None) -> Args:
-    """Flags from the dataclass fields (booleans as --flag / --no-flag), then stage presets fill the Nones."""
+def fill_defaults(args: Args, cuda: bool | None = None) -> Args:
+    """The Nones that depend on the stage (STAGES) or the device (DEVICE_DEFAULTS: on iff `cuda`, which defaults
+    to whether this process sees a GPU), and epsilon_high = epsilon. Flags given explicitly are kept."""
+    for k, v in STAGES[args.stage].items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    for k in DEVICE_DEFAULTS:
+        if getattr(args, k) is None:
+            setattr(args, k, cuda)
+    if args.epsilon_high is None:
+        args.epsilon_high = args.epsilon
+    return args
+
+
+def parse_args(argv=None, cuda: bool | None = None) -> Args:
+    """Flags from the dataclass fields (booleans as --flag / --no-flag), then fill_defaults fills the Nones."""
     import argparse
     import typing
 
@@ -157,18 +176,14 @@ def parse_args(argv=None) -> Args:
         hint, preset = hints[f.name], {s: v[f.name] for s, v in STAGES.items() if f.name in v}
         shown = ", ".join(f"{s} {v}" for s, v in preset.items()) if preset else f.default
         shown = "per stage: " + shown if preset else "required" if f.default == "" else shown
+        shown = "on when the run is on CUDA, off on CPU" if f.name in DEVICE_DEFAULTS else shown
         kw = dict(default=f.default, choices=f.metadata["choices"], help=f"{f.metadata['help']} (default: {shown})")
-        if hint is bool:
+        if bool in (hint, *typing.get_args(hint)):
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
         else:
             base = next(t for t in typing.get_args(hint) if t is not type(None)) if typing.get_args(hint) else hint
             p.add_argument(f"--{f.name}", type=base, **kw)
-    args = Args(**vars(p.parse_args(argv)))
-    for k, v in STAGES[args.stage].items():
-        if getattr(args, k, None) is None:
-            setattr(args, k, v)
-    if args.epsilon_high is None:
-        args.epsilon_high = args.epsilon
+    args = fill_defaults(Args(**vars(p.parse_args(argv))), cuda)
     tasks = args.pretext_tasks.split(",")
     if unknown := [t for t in tasks if t not in NUM_OPTIONS]:
         p.error(f"unknown --pretext_tasks {unknown}; choose from {', '.join(NUM_OPTIONS)}")
@@ -248,6 +263,34 @@ def all_gather(obj, world: int) -> list:
     out = [None] * world
     torch.distributed.all_gather_object(out, obj)
     return out
+
+
+class RunStopped(RuntimeError):
+    """A stop that every rank takes together, after agreeing on it; its message is the whole story, printed once."""
+
+
+def reason(e: Exception) -> str:
+    """One rank's exception as the line every rank stops with: a known stop by its message, anything else with its
+    traceback (a bug should show where it happened)."""
+    import traceback
+    why = str(e) if isinstance(e, (RunStopped, MediaError, DataError)) else "".join(traceback.format_exception(e))
+    return f"rank {int(os.environ.get('RANK', 0))}: {why.strip()}"
+
+
+def attempt(fn, *args) -> tuple:
+    """(fn(*args), None), or (None, reason) if it raised. Work one rank does alone (loading its rows, writing a
+    file) must not raise there: the others would wait in the next collective until it times out. The reason
+    travels in the next gather instead, and `stop_if_any` raises it on every rank."""
+    try:
+        return fn(*args), None
+    except Exception as e:  # noqa: BLE001 -- every failure becomes a reason the ranks agree on
+        return None, reason(e)
+
+
+def stop_if_any(reasons: list) -> None:
+    """Given every rank's reason to stop or None (from a gather), all ranks raise RunStopped with the first."""
+    if reasons := [r for r in reasons if r]:
+        raise RunStopped(reasons[0])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -430,6 +473,7 @@ class Media:
     kind: str  # "video" | "image"
     fps: float = 2.0  # sampled fps (videos)
     times: list[float] | None = None  # seconds of each frame position in the source clip (Qwen3-VL's stamps)
+    path: str = ""  # the file it came from, named in errors
 
 
 class MediaError(Exception):
@@ -442,15 +486,20 @@ def load_media(path: str, kind: str, nframes: int | None = None, max_frames: int
     try:
         if kind == "video":
             frames, fps, times = load_video(path, nframes=nframes, max_frames=max_frames)
-            return Media(frames, "video", fps, times)
-        return Media(load_image(path), "image")
+            return Media(frames, "video", fps, times, path)
+        return Media(load_image(path), "image", path=path)
     except (OSError, ValueError) as e:
         raise MediaError(str(e)) from None
 
 
 def fit_media(media: Media, spec: VisionSpec, min_pixels: int, max_pixels: int) -> Media:
-    """Resize every frame to smart_resize's grid (call after the pretext transform: rotation changes H, W)."""
-    h, w = smart_resize(*media.frames.shape[-2:], factor=spec.factor, min_pixels=min_pixels, max_pixels=max_pixels)
+    """Resize every frame to smart_resize's grid (call after the pretext transform: rotation changes H, W).
+    A frame no grid fits (aspect ratio over 200) raises MediaError: the row is skipped like unreadable media."""
+    try:
+        h, w = smart_resize(*media.frames.shape[-2:], factor=spec.factor, min_pixels=min_pixels,
+                            max_pixels=max_pixels)
+    except ValueError as e:
+        raise MediaError(f"{media.path or media.kind}: {e}") from None
     return replace(media, frames=resize_frames(media.frames, h, w))
 
 
@@ -1280,7 +1329,9 @@ def prefix_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     # fold the r query heads of each key/value head into the query length: no [G, H, P + C, d] key copies
     q = own(query).reshape(G, kv, r * C, d)
     mask = torch.ones(C, P + C, dtype=torch.bool, device=query.device).tril(P).repeat(r, 1)  # key j <= P + row
-    out_c = sdpa(q, k, v, attn_mask=mask).view(G, H, C, d)
+    # reshape, not view: CUDA's flash / memory-efficient / cuDNN kernels return [G, r·C, kv, d] memory seen as
+    # [G, kv, r·C, d], which cannot be viewed as [G, H, C, d] when r > 1 (the CPU kernel's output can)
+    out_c = sdpa(q, k, v, attn_mask=mask).reshape(G, H, C, d)
     return torch.cat([out_p.transpose(1, 2), out_c.transpose(1, 2).reshape(1, G * C, H, d)], 1), None
 
 
@@ -1436,7 +1487,8 @@ def save_checkpoint(args: Args, step: int, policy, tokenizer, processor, spec, o
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.save({"optimizer": get_optimizer_state_dict(policy, optimizer)},
                  checkpoint_id=os.path.join(tmp, "optimizer"), no_dist=world == 1)
-    if rank == 0:
+
+    def write():  # rank 0 alone: the HF model, the schedule, meta.json last; then the rename
         save_hf(tmp, policy.model, tokenizer, processor, spec, state_dict=full)
         torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
         with open(os.path.join(tmp, "meta.json"), "w") as f:  # written last: its presence marks a complete save
@@ -1445,8 +1497,8 @@ def save_checkpoint(args: Args, step: int, policy, tokenizer, processor, spec, o
         os.replace(tmp, dst)
         for old in sorted(d for d in os.listdir(args.out) if re.fullmatch(r"step-\d{6}", d))[:-args.save_total_limit]:
             shutil.rmtree(os.path.join(args.out, old), ignore_errors=True)
-    if world > 1:
-        torch.distributed.barrier()
+    failed = attempt(write)[1] if rank == 0 else None  # a full disk stops every rank, not rank 0 alone
+    stop_if_any(all_gather(failed, world))  # also the barrier: no rank goes on before the save is complete
 
 
 def final_is_complete(out: str, ckpt: str) -> bool:
@@ -1527,7 +1579,7 @@ def next_samples(stream: RowStream, n: int, args, spec, tokenizer, counters: dic
                 bad_names.add(row["path"])
                 print(f"skipping row {idx}: {e}", flush=True)  # the message names the file
             if counters["rows_seen"] >= 10 and counters["skipped_media"] > args.max_bad_media * counters["rows_seen"]:
-                raise RuntimeError(f"{counters['skipped_media']} of {counters['rows_seen']} rows had unreadable media "
+                raise RunStopped(f"{counters['skipped_media']} of {counters['rows_seen']} rows had unreadable media "
                                    f"(limit --max_bad_media {args.max_bad_media}); check --media_root")
     return out
 
@@ -1583,10 +1635,13 @@ def train(args: Args) -> dict:
     import time
     from tqdm import tqdm
 
+    args = fill_defaults(args)
     rank, world, device = setup_distributed()
     torch.manual_seed(args.seed + rank)
     rows = load_rows(args.data)  # every row, the prompt file and the task choice validated before step one
     load_prompts(args.prompts)
+    if args.stage == "sft" and (i := next((i for i, r in enumerate(rows) if "process" not in r), None)) is not None:
+        raise DataError(f"{args.data}: row {i}: SFT rows need a `process` field (<think>...</think>)")
     if args.stage in ("pretext", "viss"):
         for kind in sorted({r["data_type"] for r in rows}):
             if not set(args.pretext_tasks.split(",")) & set(PRETEXT_TASKS[kind]):
@@ -1595,8 +1650,8 @@ def train(args: Args) -> dict:
     os.makedirs(args.out, exist_ok=True)
     resume = latest_checkpoint(args.out)
     if resume and not args.resume:  # never overwrite a run by accident
-        raise SystemExit(f"error: {args.out} already holds {os.path.basename(resume)}: pass --resume to continue "
-                         f"it, or choose another --out")
+        raise RunStopped(f"{args.out} already holds {os.path.basename(resume)}: pass --resume to continue it, or "
+                         f"choose another --out")
     if args.resume and not resume:
         print0(f"--resume: no checkpoint in {args.out} yet, starting from step 0")
     policy, tokenizer, processor, spec = load_model(resume or args.model, args, device, world)
@@ -1608,7 +1663,7 @@ def train(args: Args) -> dict:
         with open(os.path.join(resume, "meta.json")) as f:
             meta = json.load(f)
         if len(meta["cursors"]) != world:
-            raise SystemExit(f"{resume} was written by {len(meta['cursors'])} processes; resume with as many")
+            raise RunStopped(f"{resume} was written by {len(meta['cursors'])} processes; resume with as many")
         load_optimizer(resume, policy, optimizer)
         scheduler.load_state_dict(torch.load(os.path.join(resume, "scheduler.pt"), weights_only=True))
         print0(f"resumed from {resume} at step {meta['step']}")
@@ -1628,10 +1683,17 @@ def train(args: Args) -> dict:
     report = reporter(args) if rank == 0 else None
     bar = tqdm(total=args.max_steps, initial=meta["step"], desc=args.stage, dynamic_ncols=True, disable=rank != 0)
     m, t_start, step0 = {}, time.time(), meta["step"]
+    # ---- a step's prompts (media loaded, transformed, patched; this rank's share of the global batch) are made at
+    # the end of the step before, so that a rank that cannot make them tells the others in that step's gather
+    def prepare(step: int) -> tuple[list, str | None]:  # (this rank's samples for `step`, why it has none)
+        if step > args.max_steps:
+            return [], None
+        return attempt(next_samples, stream, args.per_device_prompts, args, spec, tokenizer, counters, bad_names)
+
+    samples, failed = prepare(meta["step"] + 1)
+    stop_if_any(all_gather(failed, world))
     for step in range(meta["step"] + 1, args.max_steps + 1):
         t0 = time.time()
-        # ---- sample prompts (media loaded, transformed, patched); this rank's share of the global batch
-        samples = next_samples(stream, args.per_device_prompts, args, spec, tokenizer, counters, bad_names)
         # ---- rollout: G completions per prompt from one shared prefill (SFT: the target is the completion)
         policy.eval()
         with torch.no_grad(), autocast(), full_weights(policy):
@@ -1683,14 +1745,17 @@ def train(args: Args) -> dict:
                 counters["nonfinite"] += 1
                 print0(f"step {step}: non-finite loss or gradient, update skipped ({counters['nonfinite']} so far)")
                 if counters["nonfinite"] > args.max_nonfinite:
-                    raise RuntimeError(f"{counters['nonfinite']} non-finite updates (limit --max_nonfinite)")
+                    raise RunStopped(f"{counters['nonfinite']} non-finite updates (limit --max_nonfinite)")
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)  # now, not before the next backward: the rollout needs the room
         t_step = time.time() - t0
-        # ---- log: gather every rank's numbers; rank 0 prints one status line and appends metrics.jsonl
+        # ---- next step's prompts; the stream position and counters a checkpoint of this step stores come first
         local = {"loss": loss.item(), "stats": stats, "parts": ro.get("parts", {}), "len": mask.sum(1).tolist(),
                  "texts": ro.get("texts", []), "ids": [(s.row.get("problem_id"), s.task, s.letter, s.solution)
-                                                       for s in samples], "counters": counters, "cursor": stream.cursor}
+                                                       for s in samples], "counters": dict(counters),
+                 "cursor": stream.cursor}
+        samples, local["failed"] = prepare(step + 1)
+        # ---- log: gather every rank's numbers (and reasons to stop); rank 0 prints a status line, appends metrics
         everyone = all_gather(local, world)
         meta = {"step": step, "cursors": [e["cursor"] for e in everyone], "counters": [e["counters"] for e in everyone],
                 "args": vars(args)}
@@ -1704,12 +1769,13 @@ def train(args: Args) -> dict:
         # ---- checkpoint (the last step always saves)
         if step % args.save_steps == 0 or step == args.max_steps:
             save_checkpoint(args, step, policy, tokenizer, processor, spec, optimizer, scheduler, meta, rank, world)
+        stop_if_any([e["failed"] for e in everyone])  # a rank could not make its next prompts: all stop here
     bar.close()
     last = latest_checkpoint(args.out)  # --out itself becomes the final model (again, if a kill interrupted it)
+    failed = None
     if rank == 0 and last and last.endswith(f"step-{args.max_steps:06d}") and not final_is_complete(args.out, last):
-        publish_final(args.out, last)
-    if world > 1:
-        torch.distributed.barrier()
+        failed = attempt(publish_final, args.out, last)[1]
+    stop_if_any(all_gather(failed, world))  # also the barrier: every rank waits for the final model
     return m
 
 
@@ -1789,8 +1855,8 @@ def main(argv=None):
         raise SystemExit("--data is required (a Video-R1 JSON or JSONL file)")
     try:
         return train(args)
-    except DataError as e:  # a malformed data file: the message is the whole story
-        raise SystemExit(f"error: {e}") from None
+    except (DataError, RunStopped) as e:  # the message is the whole story; every rank stops, one prints it
+        raise SystemExit(f"error: {e}" if int(os.environ.get("RANK", 0)) == 0 else 1) from None
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
