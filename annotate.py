@@ -227,6 +227,7 @@ def load_teacher(args, device, world):
     from transformers import AutoModelForImageTextToText, AutoTokenizer
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype).eval().requires_grad_(False)
+    V.use_pretrained_positions(model)  # generate's positions as training's: the pretrained M-RoPE rule
     if args.shard_teacher and world > 1:
         V.shard(model, dtype == torch.bfloat16, device)  # the model is the FSDP2 root: generate calls its forward
     else:

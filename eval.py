@@ -250,6 +250,7 @@ def load_checkpoint(path: str, device) -> SimpleNamespace:
     from transformers import AutoModelForImageTextToText, AutoTokenizer
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device).eval()
+    V.use_pretrained_positions(model)  # generate's positions as training's: the pretrained M-RoPE rule
     tokenizer = AutoTokenizer.from_pretrained(path)
     spec = V.vision_spec(model.config, path if os.path.isdir(path) else None)
     eos_ids, pad_id = V.decoding_ids(model, tokenizer)

@@ -2622,3 +2622,233 @@ def test_precision_defaults_are_the_paper_s_on_cuda_and_float32_on_cpu(monkeypat
     monkeypatch.undo()
     own, args = DR.parse(["--model", "cfg", "--no-gradient_checkpointing"])
     assert (args.bf16, args.gradient_checkpointing, own.device_defaults) == (True, False, ["bf16"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# M-RoPE positions as the models were pretrained: the text after a video starts one past its largest position
+# on any axis (issue: position ids as Qwen2.5-VL was pretrained)
+# ---------------------------------------------------------------------------------------------------------
+
+def rope_reference(arch: str, rows: list[list[tuple]], merge: int = 2, tps: float = 2.0) -> tuple[list, list]:
+    """The rule from its definition, token by token. A row is a list of items: ("text", n), ("image", t, h, w) or
+    ("video", t, h, w, seconds_per_temporal_patch) with h, w in patches; Qwen3-VL videos are written out as their
+    frame blocks by the caller. Text: the next position on all three axes. A vision block starting at s: token
+    (i, j, k) at (s + T(i), s + j, s + k), T(i) = i (Qwen2-VL video), floor(i x seconds x tokens_per_second)
+    (Qwen2.5-VL video), 0 (image, Qwen3-VL frame block); the text after it starts at max over all axes + 1.
+    Returns every row's [(t, h, w)] and its delta (next position - number of tokens)."""
+    out, deltas = [], []
+    for row in rows:
+        pos, nxt = [], 0
+        for item in row:
+            if item[0] == "text":
+                pos += [(nxt + i,) * 3 for i in range(item[1])]
+                nxt += item[1]
+                continue
+            t, h, w = item[1], item[2] // merge, item[3] // merge
+            block = []
+            for i in range(t):
+                T = 0 if item[0] == "image" else i if arch == "qwen2_vl" else \
+                    math.floor(i * item[4] * tps) if arch == "qwen2_5_vl" else 0
+                block += [(nxt + T, nxt + j, nxt + k) for j in range(h) for k in range(w)]
+            pos += block
+            nxt = max(max(p) for p in block) + 1
+        out.append(pos)
+        deltas.append(nxt - len(pos))
+    return out, deltas
+
+
+def rope_inputs(arch: str, rows: list[list[tuple]], merge: int = 2):
+    """input_ids (zeros), mm_token_type_ids, the attention mask (rows left-padded into a batch), grids and
+    second_per_grid_ts for `rows`; a Qwen3-VL clip's frame blocks after its first add to its grid's t."""
+    types, images, videos, seconds = [], [], [], []
+    for row in rows:
+        ty = []
+        for item in row:
+            if item[0] == "text":
+                ty += [0] * item[1]
+                continue
+            n = item[1] * (item[2] // merge) * (item[3] // merge)
+            ty += [1 if item[0] == "image" else 2] * n
+            if item[-1] == "next frame":  # Qwen3-VL: another frame block of the clip before
+                videos[-1][0] += 1
+                continue
+            (images if item[0] == "image" else videos).append(list(item[1:4]))
+            if item[0] == "video":
+                seconds.append(item[4])
+        types.append(ty)
+    L = max(len(t) for t in types)
+    mask = torch.tensor([[0] * (L - len(t)) + [1] * len(t) for t in types])
+    types = torch.tensor([[0] * (L - len(t)) + t for t in types])
+    kw = {"image_grid_thw": torch.tensor(images) if images else None,
+          "video_grid_thw": torch.tensor(videos) if videos else None,
+          "second_per_grid_ts": torch.tensor(seconds, dtype=torch.float64) if seconds else None}
+    return torch.zeros_like(types), types, mask, kw
+
+
+class _Config:  # what mrope_positions reads from a config
+    def __init__(self, arch, merge=2, tps=2):
+        self.model_type, self.vision_config = arch, type("VC", (), {"spatial_merge_size": merge,
+                                                                      "tokens_per_second": tps})()
+
+
+def _video(arch, t, h, w, sec, before=3):
+    """One clip as the prompt holds it: Qwen3-VL as t frame blocks, each after its timestamp text."""
+    if arch == "qwen3_vl":
+        return sum(([("text", before), ("video", 1, h, w, sec, "next frame" if i else "")] for i in range(t)), [])[1:]
+    return [("video", t, h, w, sec)]
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
+def test_mrope_positions_follow_the_pretrained_rule(arch):
+    """Many shapes: 2 to 64 frames (1 to 32 temporal patches), grids from 4x4 to 32x48 patches, 0.25 to 8 s per
+    temporal patch, text before and after, two media in one prompt, a left-padded batch of rows of different
+    lengths; positions and deltas equal the reference, padding gets 0."""
+    rng = random.Random(arch)
+    for case in range(40):
+        rows = []
+        for _ in range(rng.choice([1, 1, 3])):
+            frames, (h, w) = rng.choice([2, 4, 8, 16, 32, 64]), rng.choice([(4, 4), (8, 12), (16, 8), (32, 48),
+                                                                              (6, 28), (4, 32)])
+            sec = rng.choice([0.25, 0.5, 2 / 3, 1.0, 1.5, 3.75, 8.0])
+            row = [("text", rng.randint(1, 5))] + _video(arch, frames // 2, h, w, sec) + [("text", rng.randint(1, 9))]
+            if rng.random() < 0.4:  # a second medium after the first
+                row += [("image", 1, 8, 4), ("text", 2)] if rng.random() < 0.5 else \
+                    _video(arch, 2, 4, 8, 0.5) + [("text", 2)]
+            rows.append(row)
+        ref, ref_delta = rope_reference(arch, rows)
+        ids, types, mask, kw = rope_inputs(arch, rows)  # one left-padded batch
+        pos, d = V.mrope_positions(_Config(arch), ids, types, attention_mask=mask, **kw)
+        for b, r in enumerate(ref):
+            kept = mask[b].bool()
+            assert [tuple(p) for p in pos[:, b, kept].T.tolist()] == r, (arch, case, b)
+            assert pos[:, b, ~kept].eq(0).all()
+        assert d.view(-1).tolist() == ref_delta, (arch, case)
+
+
+def test_mrope_positions_table_and_what_transformers_does(tiny):
+    """The README's table: tokens_per_second 2, one clip of grid t 16, h 16, w 32; the text after it starts at
+    start + 31 (1 s per patch) and start + 113 (3.75 s), where transformers 5.23's get_rope_index puts it at
+    start + 16. Images (and Qwen3-VL) already agree with the rule: regression cover."""
+    model, _, _ = tiny
+    arch, vlm = model.config.model_type, model.model
+    m = model.config.vision_config.spatial_merge_size
+    for sec, after in ((1.0, 31), (3.75, 113)):
+        rows = [[("text", 4)] + _video(arch, 16, 16, 32, sec) + [("text", 3)]]
+        ids, types, mask, kw = rope_inputs(arch, rows, merge=m)
+        kw = {k: v for k, v in kw.items() if v is not None and (k != "second_per_grid_ts" or arch == "qwen2_5_vl")}
+        ours = V.mrope_positions(model.config, ids, types, **kw)[0][0, 0]
+        theirs = type(vlm).get_rope_index(vlm, ids, mm_token_type_ids=types, **kw)[0][0, 0]
+        if arch == "qwen2_5_vl":
+            assert ours[-3].item() == 4 + after and theirs[-3].item() == 4 + 16
+        elif arch == "qwen2_vl":  # t reaches 15 and w 15 here: the rules agree; a narrower clip tells them apart
+            assert ours[-3].item() == theirs[-3].item() == 4 + 16
+            ids, types, mask, kw = rope_inputs(arch, [[("text", 4), ("video", 16, 4, 4, 1.0), ("text", 3)]], merge=m)
+            kw.pop("second_per_grid_ts")
+            ours = V.mrope_positions(model.config, ids, types, video_grid_thw=kw["video_grid_thw"])[0][0, 0]
+            theirs = type(vlm).get_rope_index(vlm, ids, mm_token_type_ids=types, video_grid_thw=kw["video_grid_thw"])
+            assert ours[-3].item() == 4 + 16 and theirs[0][0, 0, -3].item() == 4 + 2
+        else:
+            assert torch.equal(ours, theirs)
+    image = [[("text", 4), ("image", 1, 8 * m, 20 * m), ("text", 3)],
+             [("text", 2), ("image", 1, 6 * m, 2 * m), ("text", 5)]]
+    ids, types, mask, kw = rope_inputs(arch, image, merge=m)
+    kw = {k: v for k, v in kw.items() if v is not None}
+    ours, theirs = V.mrope_positions(model.config, ids, types, attention_mask=mask, **kw), \
+        type(vlm).get_rope_index(vlm, ids, mm_token_type_ids=types, attention_mask=mask, **kw)
+    assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+
+
+def test_use_pretrained_positions_says_when_transformers_agrees(tiny, monkeypatch):
+    """The load-time check: if transformers' own get_rope_index gives the rule's positions, a warning names the
+    version so the override can go; today (5.23) it does not for Qwen2-VL and Qwen2.5-VL."""
+    import copy
+    import warnings
+    model = copy.deepcopy(tiny[0])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        V.use_pretrained_positions(model)
+    assert not [w for w in caught if "follows the pretrained rule" in str(w.message)]
+    if model.config.model_type == "qwen3_vl":
+        return
+    rule = lambda self, ids, **kw: V.mrope_positions(model.config, ids, **kw)  # noqa: E731
+    monkeypatch.setattr(type(model.model), "get_rope_index", rule)  # as if upstream fixed it
+    with pytest.warns(UserWarning, match=r"transformers 5\.\d+\.\d+'s get_rope_index follows the pretrained rule"):
+        V.use_pretrained_positions(copy.deepcopy(tiny[0]))
+
+
+def _long_clip_sample(demo, loaded, tmp_path):
+    """A 16-frame clip at 1 fps (2 s per temporal patch: its time axis reaches 8 x 2 x 2 = 28) of 56 x 56 px
+    (2 x 2 merged tokens) and a short question: the temporal extent far exceeds the spatial one."""
+    model, tok, spec = loaded
+    frames = rand_frames(16, 56, 56)
+    media = V.fit_media(V.Media(frames, "video", 1.0), spec, 3136, 3136)
+    vis = V.vision_inputs(media, spec)
+    ids, types = V.prompt_ids(tok, "Which colour?", media, spec, vis["video_grid_thw"][0].tolist())
+    return V.Sample({}, "r1", ids, types, vis, "<answer>A</answer>", "multiple choice")
+
+
+def _capture_positions(model):
+    """position_ids each language-model call receives ([3, B, L]; the text row of a 4-row tensor dropped)."""
+    seen = []
+
+    def hook(module, args, kwargs):
+        p = kwargs["position_ids"]
+        seen.append(p[-3:].clone())
+    return seen, model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_every_path_feeds_the_language_model_the_pretrained_positions(demo, loaded, tmp_path):
+    """On a clip whose time axis reaches past its spatial extent: the sampler's prefill and every decode step,
+    the packed and the per-row scoring paths, SFT's scoring of its target, and generate as eval.py and
+    annotate.py call it (prefill and decode) feed the language model the reference positions; so a completion
+    token has the same position in every path."""
+    import copy
+    import annotate as N
+    model, tok, spec = loaded
+    s = _long_clip_sample(demo, loaded, tmp_path)
+    P, types = len(s.ids), s.types
+    arch_rows = lambda C: [[("text", types.index(2))] + [("video", *s.vis["video_grid_thw"][0].tolist(),  # noqa
+                                                          s.vis["second_per_grid_ts"].item())] +
+                           [("text", P - types.index(2) - types.count(2) + C)]]
+    C = 6
+    ref = torch.tensor(rope_reference("qwen2_5_vl", arch_rows(C))[0][0]).T  # [3, P + C]
+    vlm = model.model  # transformers 5.23 puts the question inside the clip's time axis: today's code failed here
+    theirs = type(vlm).get_rope_index(vlm, torch.tensor([s.ids]), mm_token_type_ids=torch.tensor([types]),
+                                      video_grid_thw=s.vis["video_grid_thw"],
+                                      second_per_grid_ts=s.vis["second_per_grid_ts"])[0][:, 0]
+    assert (theirs[:, -1] < ref[:, P - 1]).all()
+    policy = V.Policy(copy.deepcopy(model))
+    eos, bias = _eos(tok, model), V.vocab_bias(model, spec, "cpu")
+    seen, h = _capture_positions(policy.model)
+    comp, _ = V.sample_group(policy, s, 2, C, 1.0, 1.0, [-1], tok.pad_token_id, bias, greedy=True)  # never stops
+    h.remove()
+    assert torch.equal(seen[0][:, 0], ref[:, :P])  # prefill
+    for t, p in enumerate(seen[1:], 1):  # the decode step that feeds completion token t - 1
+        assert p.shape == (3, 2, 1) and (p == ref[:, P + t - 1].view(3, 1, 1)).all()
+    for shared in (True, False):
+        seen, h = _capture_positions(policy.model)
+        with torch.no_grad():
+            V.sequence_logprobs(policy, s, comp, 1.0, bias, shared=shared)
+        h.remove()
+        p = seen[0]
+        if shared:  # [prompt; c_1; c_2]: each completion at the positions its own row would have
+            assert torch.equal(p[:, 0, :P], ref[:, :P])
+            for g in range(2):
+                assert torch.equal(p[:, 0, P + g * C:P + (g + 1) * C], ref[:, P:])
+        else:
+            assert all(torch.equal(p[:, g], ref) for g in range(2))
+    seen, h = _capture_positions(policy.model)
+    with torch.no_grad():  # SFT: the target is one completion, scored as train() scores it
+        V.sequence_logprobs(policy, s, comp[:1], 1.0, None, shared=True)
+    h.remove()
+    assert torch.equal(seen[0][:, 0], ref)
+    from types import SimpleNamespace
+    gen_model = E.load_checkpoint(demo["base"], "cpu").model  # eval.py's loader; annotate.py's below
+    teacher = N.load_teacher(SimpleNamespace(model=demo["base"], shard_teacher=False), torch.device("cpu"), 1).model
+    for m in (gen_model, teacher):
+        seen, h = _capture_positions(m)
+        E.generate_batch(m, [s], eos, tok.pad_token_id, [], C)
+        h.remove()
+        assert torch.equal(seen[0][:, 0], ref[:, :P]) and len(seen) > 1
+        for t, p in enumerate(seen[1:], 1):
+            assert (p[:, 0, -1] == ref[:, P + t - 1]).all()

@@ -55,11 +55,15 @@ Deliberate departures from the release (each one is explained where it is implem
      baseline trainer uses 1.0 x.
  11. Every pretext task of a modality is on by default; the release's final RL run hard-codes video `arrow`
      and image `puzzle` (--pretext_tasks arrow,puzzle).
+M-RoPE positions follow the rule the models were pretrained with (and the release trained with, under transformers
+4.x): the text after a video starts one past its largest position on any axis. The pinned transformers 5.x does
+otherwise; mrope_positions replaces its get_rope_index in every path (README: M-RoPE positions).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 import os
@@ -516,7 +520,7 @@ def vision_inputs(media: Media, spec: VisionSpec) -> dict:
     out = {"pixel_values_videos": pixels, "video_grid_thw": torch.tensor([grid])}
     if spec.model_type == "qwen2_5_vl":
         # M-RoPE spaces temporal positions by real time: tokens_per_second · temporal_patch / fps
-        out["second_per_grid_ts"] = torch.tensor([spec.temporal_patch_size / media.fps])
+        out["second_per_grid_ts"] = torch.tensor([spec.temporal_patch_size / media.fps], dtype=torch.float64)
     return out
 
 
@@ -1268,6 +1272,7 @@ class Policy(torch.nn.Module):
         AttentionInterface.register("prefix_sdpa", prefix_attention)
         AttentionMaskInterface.register("prefix_sdpa", masking_utils.sdpa_mask)
         model.config.get_text_config()._attn_implementation = "prefix_sdpa"
+        use_pretrained_positions(model)  # every forward (and generate) places tokens as the model was pretrained
 
     def forward(self, completion=None, temperature: float = 1.0, bias=None, rows: int = 1, prefix: int = 0, **inputs):
         if rows > 1 or prefix:  # `rows` sequences share one image/clip: run the vision tower once, tile its features
@@ -1335,11 +1340,67 @@ def prefix_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     return torch.cat([out_p.transpose(1, 2), out_c.transpose(1, 2).reshape(1, G * C, H, d)], 1), None
 
 
+def mrope_positions(config, input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor, image_grid_thw=None,
+                    video_grid_thw=None, second_per_grid_ts=None, attention_mask=None, **_) -> tuple:
+    """3-D M-RoPE positions [3, B, L] and rope delta [B, 1] by the rule the Qwen-VL models were pretrained with.
+    Text advances by 1 on all three axes. A vision block of (t, h, w) merged tokens that starts at s puts token
+    (i, j, k) at (s + T(i), s + j, s + k), and the text after it starts ONE PAST ITS LARGEST POSITION ON ANY AXIS
+    (transformers 5.x starts it at s + max(h, w), inside the video's time axis: README). T(i) = i for Qwen2-VL,
+    floor(i · second_per_grid · tokens_per_second) for a Qwen2.5-VL video (in float64, floored last), 0 for an
+    image; a Qwen3-VL video is one block [1, h, w] per temporal patch, each after its timestamp text. Masked (left
+    padding) tokens are skipped and get 0, and text token n of a row (its n-th unmasked) sits at n + delta.
+    The signature is get_rope_index's: use_pretrained_positions installs this in its place."""
+    merge, kind = config.vision_config.spatial_merge_size, config.model_type
+    tps = getattr(config.vision_config, "tokens_per_second", 1)
+    videos = [] if video_grid_thw is None else video_grid_thw.tolist()
+    if kind == "qwen3_vl":
+        videos = [[1, h, w] for t, h, w in videos for _ in range(t)]
+    grids = {1: iter([] if image_grid_thw is None else image_grid_thw.tolist()), 2: iter(videos)}
+    seconds = iter([] if second_per_grid_ts is None or kind != "qwen2_5_vl" else second_per_grid_ts.tolist())
+    B, L = input_ids.shape
+    positions, delta = torch.zeros(3, B, L, dtype=torch.long), []
+    for b in range(B):
+        keep = torch.ones(L, dtype=torch.bool) if attention_mask is None else attention_mask[b].bool().cpu()
+        row, start = [], 0  # row: [3, n] position blocks; start: where the next block begins
+        for modality, run in itertools.groupby(mm_token_type_ids[b][keep].tolist()):
+            n = len(list(run))
+            if modality == 0:  # text: the same position on all three axes
+                row.append(torch.arange(start, start + n).expand(3, n))
+                start += n
+                continue
+            t, h, w = next(grids[modality])
+            h, w = h // merge, w // merge
+            if t * h * w != n:
+                raise ValueError(f"a run of {n} vision tokens, but its grid {t}x{h}x{w} needs {t * h * w}")
+            per_t = next(seconds, 1.0) * tps if modality == 2 and kind == "qwen2_5_vl" else 1  # Qwen2-VL: index
+            time = torch.tensor([math.floor(i * per_t) for i in range(t)]) if modality == 2 else torch.zeros(t)
+            block = torch.stack(torch.meshgrid(time.long(), torch.arange(h), torch.arange(w), indexing="ij"))
+            row.append(block.reshape(3, -1) + start)  # [3, t·h·w]: (time, row, column) of every token
+            start = int(row[-1].max()) + 1  # one past the largest position on any axis
+        positions[:, b, keep] = torch.cat(row, 1) if row else positions[:, b, keep]
+        delta.append(start - int(keep.sum()))
+    return positions.to(input_ids.device), torch.tensor(delta, device=input_ids.device).view(B, 1)
+
+
+def use_pretrained_positions(model) -> None:
+    """Make a Qwen-VL model use mrope_positions wherever transformers computes positions: its forward's and
+    generate's prefill, and the rope delta generate's decode steps add. Says so if transformers' own rule has
+    become the pretrained one, so that this override can be dropped."""
+    vlm = model.model
+    if model.config.model_type in ("qwen2_vl", "qwen2_5_vl"):  # Qwen3-VL: the two rules agree
+        m = model.config.vision_config.spatial_merge_size
+        ids, types, grid = torch.zeros(1, 6, dtype=torch.long), torch.tensor([[0, 2, 2, 2, 2, 0]]), torch.tensor([[4, m, m]])
+        theirs = type(vlm).get_rope_index(vlm, ids, mm_token_type_ids=types, video_grid_thw=grid)[0]
+        if torch.equal(theirs, mrope_positions(model.config, ids, types, video_grid_thw=grid)[0]):
+            import transformers
+            warnings.warn(f"transformers {transformers.__version__}'s get_rope_index follows the pretrained rule: "
+                          f"viss_r1.use_pretrained_positions is no longer needed")
+    vlm.get_rope_index = functools.partial(mrope_positions, model.config)
+
+
 def rope_positions(model, ids: torch.Tensor, types: torch.Tensor, vis: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """3-D M-RoPE positions [3, B, L] and the text offset `delta` [B, 1] (text position = index + delta)."""
     kw = {k: v for k, v in vis.items() if k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")}
-    if model.config.model_type != "qwen2_5_vl":
-        kw.pop("second_per_grid_ts", None)
     return model.model.get_rope_index(ids, mm_token_type_ids=types, **kw)
 
 
