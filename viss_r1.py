@@ -55,9 +55,8 @@ Deliberate departures from the release (each one is explained where it is implem
      baseline trainer uses 1.0 x.
  11. Every pretext task of a modality is on by default; the release's final RL run hard-codes video `arrow`
      and image `puzzle` (--pretext_tasks arrow,puzzle).
-M-RoPE positions follow the rule the models were pretrained with (and the release trained with, under transformers
-4.x): the text after a video starts one past its largest position on any axis. The pinned transformers 5.x does
-otherwise; mrope_positions replaces its get_rope_index in every path (README: M-RoPE positions).
+M-RoPE positions follow the models' pretraining rule (transformers 4.x's, the release's), not the pinned 5.x's
+get_rope_index: the text after a video starts one past its largest position on any axis (mrope_positions).
 """
 
 from __future__ import annotations
@@ -157,15 +156,10 @@ class Args:
 def fill_defaults(args: Args, cuda: bool | None = None) -> Args:
     """The Nones that depend on the stage (STAGES) or the device (DEVICE_DEFAULTS: on iff `cuda`, which defaults
     to whether this process sees a GPU), and epsilon_high = epsilon. Flags given explicitly are kept."""
-    for k, v in STAGES[args.stage].items():
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    for k, v in {**STAGES[args.stage], **dict.fromkeys(DEVICE_DEFAULTS, cuda), "epsilon_high": args.epsilon}.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
-    cuda = torch.cuda.is_available() if cuda is None else cuda
-    for k in DEVICE_DEFAULTS:
-        if getattr(args, k) is None:
-            setattr(args, k, cuda)
-    if args.epsilon_high is None:
-        args.epsilon_high = args.epsilon
     return args
 
 
@@ -274,17 +268,15 @@ class RunStopped(RuntimeError):
 
 
 def reason(e: Exception) -> str:
-    """One rank's exception as the line every rank stops with: a known stop by its message, anything else with its
-    traceback (a bug should show where it happened)."""
+    """A rank's exception as the line every rank stops with: a known stop's message, else the traceback."""
     import traceback
     why = str(e) if isinstance(e, (RunStopped, MediaError, DataError)) else "".join(traceback.format_exception(e))
     return f"rank {int(os.environ.get('RANK', 0))}: {why.strip()}"
 
 
 def attempt(fn, *args) -> tuple:
-    """(fn(*args), None), or (None, reason) if it raised. Work one rank does alone (loading its rows, writing a
-    file) must not raise there: the others would wait in the next collective until it times out. The reason
-    travels in the next gather instead, and `stop_if_any` raises it on every rank."""
+    """(fn(*args), None), or (None, reason) if it raised. Work one rank does alone must not raise there (the others
+    would wait in the next collective until it times out): the reason travels in the next gather instead."""
     try:
         return fn(*args), None
     except Exception as e:  # noqa: BLE001 -- every failure becomes a reason the ranks agree on
@@ -292,7 +284,7 @@ def attempt(fn, *args) -> tuple:
 
 
 def stop_if_any(reasons: list) -> None:
-    """Given every rank's reason to stop or None (from a gather), all ranks raise RunStopped with the first."""
+    """Every rank's reason to stop or None (from a gather) -> every rank raises RunStopped with the first."""
     if reasons := [r for r in reasons if r]:
         raise RunStopped(reasons[0])
 
@@ -1222,8 +1214,6 @@ def make_sample(row: dict, args: Args, spec: VisionSpec, tokenizer, rng: random.
     solution, ptype, target = row["solution"], row["problem_type"], None
     if mode == "pretext":
         solution, ptype = f"<answer>{LETTERS[option]}</answer>", "multiple choice"
-    if mode == "sft" and "process" not in row:
-        raise DataError(f"{args.data}: SFT rows need a `process` field (<think>...</think>): {row.get('problem_id')}")
     if mode == "sft":  # the SFT target: the parts joined by --sft_join (the release: newlines)
         middle = [f"<transform>{LETTERS[option]}</transform>"] if task is not None else []
         target = {"newline": "\n", "none": ""}[args.sft_join].join([row["process"], *middle, row["solution"]])
@@ -1342,14 +1332,13 @@ def prefix_attention(module, query, key, value, attention_mask, dropout=0.0, sca
 
 def mrope_positions(config, input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor, image_grid_thw=None,
                     video_grid_thw=None, second_per_grid_ts=None, attention_mask=None, **_) -> tuple:
-    """3-D M-RoPE positions [3, B, L] and rope delta [B, 1] by the rule the Qwen-VL models were pretrained with.
-    Text advances by 1 on all three axes. A vision block of (t, h, w) merged tokens that starts at s puts token
-    (i, j, k) at (s + T(i), s + j, s + k), and the text after it starts ONE PAST ITS LARGEST POSITION ON ANY AXIS
-    (transformers 5.x starts it at s + max(h, w), inside the video's time axis: README). T(i) = i for Qwen2-VL,
-    floor(i · second_per_grid · tokens_per_second) for a Qwen2.5-VL video (in float64, floored last), 0 for an
-    image; a Qwen3-VL video is one block [1, h, w] per temporal patch, each after its timestamp text. Masked (left
-    padding) tokens are skipped and get 0, and text token n of a row (its n-th unmasked) sits at n + delta.
-    The signature is get_rope_index's: use_pretrained_positions installs this in its place."""
+    """3-D M-RoPE positions [3, B, L] and rope delta [B, 1] by the rule the Qwen-VL models were pretrained with
+    (get_rope_index's signature). Text advances by 1 on all three axes. A vision block of (t, h, w) merged tokens
+    starting at s puts token (i, j, k) at (s + T(i), s + j, s + k); the text after it starts ONE PAST ITS LARGEST
+    POSITION ON ANY AXIS (transformers 5.x: at s + max(h, w), inside a video's time axis). T(i) = i (Qwen2-VL),
+    floor(i · second_per_grid · tokens_per_second) (Qwen2.5-VL video, float64), 0 (image); a Qwen3-VL video is a
+    block [1, h, w] per temporal patch. Masked (left padding) tokens get 0; the n-th unmasked token of a text run
+    after the last block sits at n + delta."""
     merge, kind = config.vision_config.spatial_merge_size, config.model_type
     tps = getattr(config.vision_config, "tokens_per_second", 1)
     videos = [] if video_grid_thw is None else video_grid_thw.tolist()
@@ -1365,16 +1354,15 @@ def mrope_positions(config, input_ids: torch.Tensor, mm_token_type_ids: torch.Te
         for modality, run in itertools.groupby(mm_token_type_ids[b][keep].tolist()):
             n = len(list(run))
             if modality == 0:  # text: the same position on all three axes
-                row.append(torch.arange(start, start + n).expand(3, n))
-                start += n
+                row, start = row + [torch.arange(start, start + n).expand(3, n)], start + n
                 continue
             t, h, w = next(grids[modality])
             h, w = h // merge, w // merge
             if t * h * w != n:
                 raise ValueError(f"a run of {n} vision tokens, but its grid {t}x{h}x{w} needs {t * h * w}")
-            per_t = next(seconds, 1.0) * tps if modality == 2 and kind == "qwen2_5_vl" else 1  # Qwen2-VL: index
-            time = torch.tensor([math.floor(i * per_t) for i in range(t)]) if modality == 2 else torch.zeros(t)
-            block = torch.stack(torch.meshgrid(time.long(), torch.arange(h), torch.arange(w), indexing="ij"))
+            sec = next(seconds, 1.0) if modality == 2 and kind == "qwen2_5_vl" else None  # else T(i) = i (t 1: 0)
+            time = torch.tensor([i if sec is None else math.floor(i * sec * tps) for i in range(t)])
+            block = torch.stack(torch.meshgrid(time, torch.arange(h), torch.arange(w), indexing="ij"))
             row.append(block.reshape(3, -1) + start)  # [3, t·h·w]: (time, row, column) of every token
             start = int(row[-1].max()) + 1  # one past the largest position on any axis
         positions[:, b, keep] = torch.cat(row, 1) if row else positions[:, b, keep]
@@ -1383,18 +1371,16 @@ def mrope_positions(config, input_ids: torch.Tensor, mm_token_type_ids: torch.Te
 
 
 def use_pretrained_positions(model) -> None:
-    """Make a Qwen-VL model use mrope_positions wherever transformers computes positions: its forward's and
-    generate's prefill, and the rope delta generate's decode steps add. Says so if transformers' own rule has
-    become the pretrained one, so that this override can be dropped."""
-    vlm = model.model
-    if model.config.model_type in ("qwen2_vl", "qwen2_5_vl"):  # Qwen3-VL: the two rules agree
-        m = model.config.vision_config.spatial_merge_size
-        ids, types, grid = torch.zeros(1, 6, dtype=torch.long), torch.tensor([[0, 2, 2, 2, 2, 0]]), torch.tensor([[4, m, m]])
-        theirs = type(vlm).get_rope_index(vlm, ids, mm_token_type_ids=types, video_grid_thw=grid)[0]
-        if torch.equal(theirs, mrope_positions(model.config, ids, types, video_grid_thw=grid)[0]):
-            import transformers
-            warnings.warn(f"transformers {transformers.__version__}'s get_rope_index follows the pretrained rule: "
-                          f"viss_r1.use_pretrained_positions is no longer needed")
+    """A Qwen-VL model computes positions with mrope_positions wherever transformers does (forward's and generate's
+    prefill, the rope delta of generate's decode steps); a warning says when transformers' own rule agrees."""
+    vlm, m = model.model, model.config.vision_config.spatial_merge_size
+    ids, types, grid = torch.zeros(1, 6, dtype=torch.long), torch.tensor([[0, 2, 2, 2, 2, 0]]), torch.tensor([[4, m, m]])
+    if model.config.model_type != "qwen3_vl" and torch.equal(  # (Qwen3-VL's agrees already)
+            type(vlm).get_rope_index(vlm, ids, mm_token_type_ids=types, video_grid_thw=grid)[0],
+            mrope_positions(model.config, ids, types, video_grid_thw=grid)[0]):
+        import transformers
+        warnings.warn(f"transformers {transformers.__version__}'s get_rope_index follows the pretrained rule: "
+                      f"viss_r1.use_pretrained_positions is no longer needed")
     vlm.get_rope_index = functools.partial(mrope_positions, model.config)
 
 
@@ -1746,10 +1732,9 @@ def train(args: Args) -> dict:
     m, t_start, step0 = {}, time.time(), meta["step"]
     # ---- a step's prompts (media loaded, transformed, patched; this rank's share of the global batch) are made at
     # the end of the step before, so that a rank that cannot make them tells the others in that step's gather
-    def prepare(step: int) -> tuple[list, str | None]:  # (this rank's samples for `step`, why it has none)
-        if step > args.max_steps:
-            return [], None
-        return attempt(next_samples, stream, args.per_device_prompts, args, spec, tokenizer, counters, bad_names)
+    def prepare(step: int) -> tuple[list, str | None]:  # (this rank's samples for `step`, or why it has none)
+        return attempt(next_samples, stream, args.per_device_prompts, args, spec, tokenizer, counters, bad_names) \
+            if step <= args.max_steps else ([], None)
 
     samples, failed = prepare(meta["step"] + 1)
     stop_if_any(all_gather(failed, world))
@@ -1764,7 +1749,6 @@ def train(args: Args) -> dict:
             else:
                 ro = rollout(policy, samples, args, tokenizer, eos_ids, pad_id, bias)
         t_rollout = time.time() - t0
-        completion = pad_right(ro["comps"], pad_id)
         mask = pad_right([completion_mask(c, eos_ids) for c in ro["comps"]], 0.0)
         # ---- advantages: groups live on one rank; "batch" scaling needs every rank's rewards
         if not sft:
