@@ -221,17 +221,26 @@ def annotate_batch(rows: list[dict], batch: list[int], kind: str, args, ctx) -> 
 # The run: resume from the output files, rows by kind in batches, batch k on rank k % world, rank 0 writes
 # ---------------------------------------------------------------------------------------------------------
 
+def read_teacher(args, device, world):
+    """The teacher's weights in its compute dtype (bf16 on a GPU): sharded with FSDP2 (--shard_teacher under
+    torchrun), read once by rank 0 and each rank keeping its shards (72B: 145 GB in bf16), or whole on `device`."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.shard_teacher and world > 1:
+        def frozen_shards(m):  # the model itself is the FSDP2 root: generate calls its forward
+            V.shard(m.eval().requires_grad_(False), dtype == torch.bfloat16, device)
+            return m
+        model = V.load_sharded(args.model, dtype, frozen_shards, device)
+    else:
+        model = V.load_whole(args.model, dtype, device).eval().requires_grad_(False)
+    V.use_pretrained_positions(model)  # generate's positions as training's: the pretrained M-RoPE rule
+    return model
+
+
 def load_teacher(args, device, world):
     from types import SimpleNamespace
 
-    from transformers import AutoModelForImageTextToText, AutoTokenizer
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype).eval().requires_grad_(False)
-    V.use_pretrained_positions(model)  # generate's positions as training's: the pretrained M-RoPE rule
-    if args.shard_teacher and world > 1:
-        V.shard(model, dtype == torch.bfloat16, device)  # the model is the FSDP2 root: generate calls its forward
-    else:
-        model.to(device)
+    from transformers import AutoTokenizer
+    model = read_teacher(args, device, world)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     spec = V.vision_spec(model.config, args.model if os.path.isdir(args.model) else None)
     eos_ids, pad_id = V.decoding_ids(model, tokenizer)

@@ -597,8 +597,29 @@ def verdict(res: dict, gpu_memory: float, reserve: float) -> dict:
     return {"peak_phase": phase, "peak": peak, "fits": not over, "overflowing": over, "usable": usable}
 
 
+def host_memory(res: dict, args: V.Args, ranks_per_node: int = 8) -> dict:
+    """Host memory (bytes) one node needs to load the run's models, from the parameter count: under FSDP2 rank 0
+    alone reads a checkpoint (viss_r1.load_sharded: one copy in the model's dtype, freed before the next model
+    loads) while every rank builds on the meta device and receives only its shards, on its GPU. One process
+    holds its one copy. `every_rank`: what reading the whole checkpoint on each rank of a node would take."""
+    P, ranks = res["parameters"], min(ranks_per_node, res["world"])
+    policy = 4 * P  # float32 master weights; the reference (beta > 0) is read the same way, after the policy
+    return {"policy": policy, "reference": policy if args.beta > 0 else 0, "teacher_bf16": 2 * P,
+            "peak": policy, "every_rank": ranks * policy, "ranks_per_node": ranks}
+
+
+def host_memory_line(res: dict, args: V.Args, ranks_per_node: int = 8) -> str:
+    h, gb = host_memory(res, args, ranks_per_node), lambda n: f"{n / 1e9:.1f} GB"  # noqa: E731
+    ref = f", then the reference {gb(h['reference'])}" if h["reference"] else ""
+    return (f"host memory per node to load (formula: rank 0 reads each checkpoint once, 4 bytes a parameter in "
+            f"float32, and broadcasts it; the other ranks hold only their GPU shards): the policy {gb(h['policy'])}"
+            f"{ref} (peak {gb(h['peak'])}); an annotate.py --shard_teacher teacher of this size in bf16 "
+            f"{gb(h['teacher_bf16'])}; reading on each of {h['ranks_per_node']} ranks of a node would take "
+            f"{gb(h['every_rank'])}")
+
+
 def format_plan(res: dict, args: V.Args, cards: list[float], reserve: float, brief: bool = False,
-                device_defaults: tuple = ()) -> str:
+                device_defaults: tuple = (), ranks_per_node: int = 8) -> str:
     """The printed plan: what was planned, the table by phase and category with a column per card size, one
     verdict line per card, and (unless brief) how it was measured."""
     b = lambda n: f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"  # noqa: E731
@@ -634,6 +655,7 @@ def format_plan(res: dict, args: V.Args, cards: list[float], reserve: float, bri
         lines.append(head + (f"fits with {spare:.2f} GiB to spare" if v["fits"] else
                              f"does NOT fit, {-spare:.2f} GiB over; overflowing: {', '.join(v['overflowing'])}") +
                      f" ({reserve:g} GiB kept for the CUDA context and NCCL buffers)")
+    lines.append(host_memory_line(res, args, ranks_per_node))
     if brief:
         return "\n".join(lines)
     C = args.max_completion_length
@@ -669,6 +691,8 @@ def parse(argv=None) -> tuple[argparse.Namespace, V.Args]:
                    "decodes only the last, largest step)")
     p.add_argument("--tensors", choices=("fake", "real"), default="fake", help="real: the same accounting on real "
                    "tensors, small models only; under torchrun with real collectives (checks the simulation)")
+    p.add_argument("--ranks_per_node", type=int, default=8, help="GPUs (ranks) per node, for the host memory "
+                   "that loading needs on one node")
     p.add_argument("--brief", action="store_true", help="the table and verdicts only, not how they were measured")
     p.add_argument("--json", default=None, help="also write the plan to this file")
     own, rest = p.parse_known_args(argv)
@@ -688,10 +712,12 @@ def main(argv=None) -> dict:
     res = run_plan(args, own.world_size, own.tensors == "fake", own.video_size, own.full_decode)
     if res["rank"] == 0:
         cards = [float(c) for c in own.gpu_memory.split(",")]
-        print(format_plan(res, args, cards, own.reserve, own.brief, own.device_defaults), flush=True)
+        print(format_plan(res, args, cards, own.reserve, own.brief, own.device_defaults, own.ranks_per_node),
+              flush=True)
         if own.json:
             with open(own.json, "w") as f:
-                json.dump(dict(res, verdicts={f"{c:g}": verdict(res, c, own.reserve) for c in cards}), f, indent=1)
+                json.dump(dict(res, verdicts={f"{c:g}": verdict(res, c, own.reserve) for c in cards},
+                               host_memory=host_memory(res, args, own.ranks_per_node)), f, indent=1)
     if not own.tensors == "fake" and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return res

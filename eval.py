@@ -247,9 +247,9 @@ def prepare(row: dict, media: V.Media, probe: str, prompt: str, args, spec, toke
 
 def load_checkpoint(path: str, device) -> SimpleNamespace:
     """Model (bf16 on GPU, float32 on CPU), tokenizer, vision spec and the token ids generate needs."""
-    from transformers import AutoModelForImageTextToText, AutoTokenizer
+    from transformers import AutoTokenizer
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device).eval()
+    model = V.load_whole(path, dtype, torch.device(device)).eval()  # in bf16 on a GPU: no float32 copy on the way
     V.use_pretrained_positions(model)  # generate's positions as training's: the pretrained M-RoPE rule
     tokenizer = AutoTokenizer.from_pretrained(path)
     spec = V.vision_spec(model.config, path if os.path.isdir(path) else None)

@@ -2407,6 +2407,9 @@ def test_dry_run_7b_paper_settings(qwen7b, tmp_path):
     P, N, G, C = res["parameters"], 8, 8, 768
     assert P == 8_292_166_656 and "8.29 B parameters (language model 7.62 B, vision 0.68 B)" in r.stdout
     assert "bf16, gradient checkpointing (--bf16 and --gradient_checkpointing: the CUDA defaults)" in r.stdout
+    host = res["host_memory"]  # loading: one float32 copy on rank 0, not one on each of the node's 8 ranks
+    assert host["peak"] == 4 * P and host["every_rank"] == 8 * 4 * P and host["teacher_bf16"] == 2 * P
+    assert "the policy 33.2 GB (peak 33.2 GB)" in r.stdout and "each of 8 ranks of a node would take 265.3 GB" in r.stdout
     assert res["video_tokens"] == 2048 and res["frame"] == [224, 448]  # 16 temporal patches x 128 tokens
     ph = res["phases"]
     assert ph["rollout: decode"]["parameters"] == pytest.approx(4 * P / N, rel=0.01)
@@ -2852,3 +2855,106 @@ def test_every_path_feeds_the_language_model_the_pretrained_positions(demo, load
         assert torch.equal(seen[0][:, 0], ref[:, :P]) and len(seen) > 1
         for t, p in enumerate(seen[1:], 1):
             assert (p[:, 0, -1] == ref[:, P + t - 1]).all()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading: an FSDP2-sharded model is read once (rank 0) and each rank keeps only its shards (issue: load the
+# weights once per node)
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def big_ckpt(tmp_path_factory):
+    """A Qwen2.5-VL of 1 GB of random float32 weights (hidden 2048, 7 layers), written once per session."""
+    return D.build_tiny_checkpoint(str(tmp_path_factory.mktemp("big")), "qwen2_5_vl", hidden_size=2048, num_layers=7)
+
+
+LOAD_SCRIPT = """
+import resource, sys, torch
+sys.path.insert(0, {here!r})
+from types import SimpleNamespace
+import annotate as N
+import viss_r1 as V
+from transformers import AutoModelForImageTextToText
+import transformers.models.qwen2_5_vl.modeling_qwen2_5_vl  # loading imports it too: not part of the rise
+mode, path = sys.argv[1], sys.argv[2]
+rank, world, device = V.setup_distributed()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if mode == "policy":
+    model = V.load_model(path, V.parse_args(["--stage", "viss"]), device, world)[0].model
+elif mode == "teacher":
+    model = N.read_teacher(SimpleNamespace(model=path, shard_teacher=True), device, world)
+rise, differ = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024, 0
+if mode != "none":  # this rank's shards against from_pretrained's tensors, bit for bit; every buffer whole
+    ref = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+    for name, p in model.named_parameters():  # (a root FSDP2 keeps gathered after a forward is whole)
+        whole = ref.get_parameter(name).detach()
+        local = (p.to_local(), torch.chunk(whole, world)[rank]) if hasattr(p, "to_local") else (p, whole)
+        differ += not torch.equal(local[0].detach(), local[1])
+    for name, b in model.named_buffers():
+        differ += not torch.equal(b, ref.get_buffer(name))
+    differ += model.generation_config.eos_token_id != ref.generation_config.eos_token_id
+print(f"rank {{rank}} {{mode}} rise {{rise}} differ {{differ}}", flush=True)
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_sharded_loading_reads_the_checkpoint_once(big_ckpt, tmp_path):
+    """Under torchrun with 2 processes, rank 1's peak resident memory rises during loading by its own shards and
+    a tensor in flight, well below one float32 copy of the model (the old path read a whole copy on every rank),
+    and its shards equal from_pretrained's bit for bit; the same for annotate.py --shard_teacher."""
+    script = tmp_path / "load.py"
+    script.write_text(LOAD_SCRIPT.format(here=HERE))
+    full = sum(os.path.getsize(os.path.join(big_ckpt, f)) for f in os.listdir(big_ckpt) if f.endswith(".safetensors"))
+    assert full > 1e9
+    rises = {}
+    for mode in ("none", "policy", "teacher"):
+        r = torchrun(mode, big_ckpt, script=str(script))
+        assert r.returncode == 0, r.stderr[-3000:]
+        found = {rank: (int(rise), int(differ)) for rank, rise, differ in
+                 re.findall(r"rank (\d) " + mode + r" rise (\d+) differ (\d+)", r.stdout)}
+        assert set(found) == {"0", "1"} and found["0"][1] == found["1"][1] == 0, r.stdout[-2000:]
+        rises[mode] = found["1"][0]
+    for mode in ("policy", "teacher"):
+        extra = rises[mode] - rises["none"]
+        assert full / 2 * 0.9 < extra < 0.7 * full, (mode, extra / full)  # its half, not a whole copy
+
+
+STEP_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {here!r})
+import viss_r1 as V
+from transformers import AutoModelForImageTextToText, AutoTokenizer
+rank, world, device = V.setup_distributed()
+args = V.parse_args(["--stage", "viss"])
+new = V.load_model({ckpt!r}, args, device, world)[0]
+old = V.make_policy(AutoModelForImageTextToText.from_pretrained({ckpt!r}, dtype=torch.float32), args, device, world)
+spec, tok = V.vision_spec(new.model.config), AutoTokenizer.from_pretrained({ckpt!r})
+frames = torch.randint(0, 256, (4, 3, 56, 56), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+media = V.fit_media(V.Media(frames, "video", 2.0), spec, 3136, 3136)
+vis = V.vision_inputs(media, spec)
+ids, types = V.prompt_ids(tok, "Describe.", media, spec, vis["video_grid_thw"][0].tolist())
+s = V.Sample({{}}, "r1", ids, types, vis, "", "multiple choice")
+out = []
+for policy in (new, old):
+    loss = -V.sequence_logprobs(policy, s, torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]]), 1.0, None).mean()
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), 1e9)
+    out.append((loss.item(), (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()))
+print("step", rank, out, flush=True)
+torch.distributed.destroy_process_group() if world > 1 else None
+"""
+
+
+def test_training_step_after_the_new_load_path_equals_the_old(demo, tmp_path):
+    """Loss and gradient norm of a scoring step after load_model equal those after a whole from_pretrained copy
+    sharded as before (1e-6), in 1 and 2 processes."""
+    script = tmp_path / "step.py"
+    script.write_text(STEP_SCRIPT.format(here=HERE, ckpt=demo["base"]))
+    runs = [subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120),
+            torchrun(script=str(script))]
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-3000:]
+        for (new_loss, new_norm), (old_loss, old_norm) in (eval(x) for x in re.findall(r"step \d (\[.*\])", r.stdout)):
+            assert new_loss == pytest.approx(old_loss, abs=1e-6) and new_norm == pytest.approx(old_norm, abs=1e-6)
+    assert len(re.findall(r"step \d ", runs[1].stdout)) == 2

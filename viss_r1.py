@@ -1595,11 +1595,51 @@ def make_policy(model, args: Args, device, world: int, trainable: bool = True) -
     return policy
 
 
+def load_sharded(path: str, dtype: torch.dtype, wrap, device: torch.device):
+    """`wrap(model)` (which shards it with FSDP2) of the checkpoint at `path`, read ONCE for all ranks: every rank
+    builds the model on the meta device (no memory), wraps and shards it, and allocates only its own shards;
+    rank 0 alone reads the checkpoint (from_pretrained: transformers' own key mapping) and broadcasts it tensor
+    by tensor, each rank keeping its slice (set_model_state_dict's broadcast_from_rank0). Buffers that are not in
+    a checkpoint (rotary frequencies) come from rank 0's copy too: exactly what from_pretrained makes."""
+    from torch.distributed.tensor import distribute_tensor
+    from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+    if os.path.isfile(os.path.join(path, "generation_config.json")):  # as from_pretrained reads it
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    wrapped = wrap(model)
+    model.to_empty(device=device)  # this rank's shards and the buffers, uninitialised
+    full = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype) if torch.distributed.get_rank() == 0 else None
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # one whole tensor at a time in flight, then this rank's slice
+            whole = full.get_parameter(name).to(device) if full is not None else torch.empty(p.shape, dtype=p.dtype,
+                                                                                            device=device)
+            torch.distributed.broadcast(whole, src=0)
+            p.to_local().copy_(distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None).to_local())
+        for name, buf in model.named_buffers():
+            if full is not None:
+                buf.copy_(full.get_buffer(name))
+            torch.distributed.broadcast(buf, src=0)
+    return wrapped
+
+
+def load_whole(path: str, dtype: torch.dtype, device: torch.device):
+    """A model for one device, read in its own dtype (no float32 copy staged on the way to a bf16 model); with the
+    optional accelerate package installed, transformers writes it straight to the GPU (device_map)."""
+    import importlib.util
+    from transformers import AutoModelForImageTextToText
+    direct = device.type == "cuda" and importlib.util.find_spec("accelerate") is not None
+    return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, **{"device_map": str(device)} if direct
+                                                       else {}).to(device)
+
+
 def load_model(path: str, args: Args, device, world: int, trainable: bool = True):
     """A Policy on `device` (sharded with FSDP2 under torchrun), plus tokenizer, processor and VisionSpec."""
-    from transformers import AutoModelForImageTextToText, AutoTokenizer
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
-    policy = make_policy(model, args, device, world, trainable)
+    from transformers import AutoTokenizer
+    build = lambda model: make_policy(model, args, device, world, trainable)  # noqa: E731
+    policy = load_sharded(path, torch.float32, build, device) if world > 1 else build(load_whole(path, torch.float32,
+                                                                                               device))
+    model = policy.model
     tokenizer = AutoTokenizer.from_pretrained(path)
     processor = None
     try:  # the processor classes need torchvision; without it save_hf writes the preprocessor fields itself
