@@ -20,6 +20,10 @@ training clip, then resized, patched and prompted by viss_r1), and measures in o
                interleaved in one process): time, peak memory, log-probs.
   4. scaling   step time and peak memory as G (2, 4, 8, 16), frames (8, 16, 32) and completion length grow.
 
+  5. --accept   the GPU acceptance check (torchrun --nproc_per_node 1 bench.py --accept): PASS / FAIL lines
+               for a training step of every stage, prefix-shared log-probs, greedy = generate, eval.py and
+               annotate.py, then figures against dry_run.py's plan and the data sheet (README).
+
 Usage:
   python bench.py                               # cpu preset: 16 and 32 frames x 128*28*28 px, G 8; ~4 min, 2 cores
   python bench.py --preset tiny --json b.json   # smoke test, < 30 s (the test suite runs it)
@@ -54,12 +58,15 @@ How it measures:
 import argparse
 import ctypes
 import json
+import math
 import multiprocessing
 import os
 import platform
 import random
 import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
@@ -517,7 +524,7 @@ def bench_logprobs(p: Preset, repeats: int, warmup: int, device) -> dict:
 
 
 def grpo_step(policy, ref, optimizer, args: V.Args, tokenizer, spec, bias, eos, p: Preset, device,
-              mem: dict | None = None) -> tuple:
+              mem: dict | None = None, row: dict = ROW) -> tuple:
     """train()'s step for one prompt on one process -> (seconds per part, reference log-probs [G, N]):
       media         viss_r1.make_sample: decode the clip from its file, resize, patch, prompt ids
       rollout       viss_r1.rollout (sample_group at top_p, decode the texts, rewards), then the advantages
@@ -532,7 +539,7 @@ def grpo_step(policy, ref, optimizer, args: V.Args, tokenizer, spec, bias, eos, 
     t, pad = {}, policy.model.config.text_config.pad_token_id
     if mem is not None:
         restart_peak(device)
-    sample, t["media"] = timed(lambda: V.make_sample(ROW, args, spec, tokenizer, random.Random(0)), device)
+    sample, t["media"] = timed(lambda: V.make_sample(row, args, spec, tokenizer, random.Random(0)), device)
 
     def rollout():
         ro = V.rollout(policy, [sample], args, tokenizer, eos, pad, bias)
@@ -635,6 +642,240 @@ def step_report(r: dict, rate: float) -> dict:
     return r
 
 # ---------------------------------------------------------------------------------------------------------
+# GPU acceptance check: torchrun --nproc_per_node 1 bench.py --accept. One line per check: PASS / FAIL with
+# its tolerance, then FIGURE lines (measured beside what they are compared with). Also runs on CPU (gloo,
+# float32, the tiny model), in the test suite, so that it cannot rot before a GPU arrives.
+# ---------------------------------------------------------------------------------------------------------
+
+# data-sheet HBM bandwidths (bytes/s), matched in the device name like PEAK_BF16
+BANDWIDTH = {"H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H100": 3.35e12, "H200": 4.8e12, "GH200": 4.0e12,
+             "B200": 8.0e12, "A100-SXM4-80GB": 2.039e12, "A100": 1.555e12, "L40S": 0.864e12}
+# Qwen2.5-VL-7B's layer shapes with few layers (--accept_layers), its vision tower 8 blocks deep
+ACCEPT_GPU = replace(PRESETS["7b"], layers=4, vision_depth=8, G=4, viss_frames=16, step_tokens=(128,), repeats=1)
+ACCEPT_CPU = replace(PRESETS["tiny"], repeats=1)
+DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
+            "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE", "ROLE_NAME")
+BF16_TOL = (0.1, 0.01)  # max and mean |log-prob difference| in nats allowed between two bf16 paths (see below)
+
+
+def datasheet(table: dict, device: torch.device) -> float | None:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next((v for k, v in sorted(table.items(), key=lambda kv: -len(kv[0])) if k in name), None)
+
+
+def accept_setup(root: str, device: torch.device, layers: int = 4) -> dict:
+    """A random checkpoint saved like a real one (7B layer shapes on CUDA, the tiny model on CPU), the demo's
+    clips and rows (RL, SFT with `process`, an evaluation file), and the flags every check shares."""
+    p = replace(ACCEPT_GPU, layers=layers) if device.type == "cuda" else ACCEPT_CPU
+    skeleton, ckpt = build_skeleton(os.path.join(root, "skeleton")), os.path.join(root, "ckpt")
+    build_model(skeleton, p, torch.device("cpu")).save_pretrained(ckpt)
+    for name in os.listdir(skeleton):  # tokenizer, chat template, preprocessor config
+        if not name.endswith((".safetensors", "config.json")) or name == "preprocessor_config.json":
+            with open(os.path.join(skeleton, name), "rb") as src, open(os.path.join(ckpt, name), "wb") as dst:
+                dst.write(src.read())
+    rl, sft = D.write_demo_data(os.path.join(root, "data"), n=8, size=56)
+    px = str(PAPER_PIXELS if device.type == "cuda" else 3136)
+    flags = ["--nframes", "4", "--video_min_pixels", px, "--video_max_pixels", px, "--image_min_pixels", "3136",
+             "--image_max_pixels", px, "--num_generations", str(p.G), "--max_completion_length", "8",
+             "--gradient_checkpointing", "--bf16" if device.type == "cuda" else "--no-bf16", "--max_steps", "1"]
+    return {"root": root, "ckpt": ckpt, "rl": rl, "sft": sft, "data": os.path.dirname(rl), "flags": flags,
+            "device": device, "preset": p, "bench": os.path.join(os.path.dirname(rl), "eval_demo.json")}
+
+
+def check_train(ctx: dict, stage: str) -> tuple[bool, str]:
+    """One FSDP2 training step of `stage` (under torchrun: sharded even on one process) with the checks' flags:
+    finite loss and gradient norm, and a checkpoint that plain transformers loads with every weight."""
+    from transformers import AutoModelForImageTextToText
+    out = os.path.join(ctx["root"], f"train-{stage}")
+    m = V.train(V.parse_args(["--stage", stage, "--model", ctx["ckpt"], "--data", ctx["sft" if stage == "sft" else
+                              "rl"], "--media_root", ctx["data"], "--out", out, *ctx["flags"]]))
+    loaded = AutoModelForImageTextToText.from_pretrained(out)
+    n, want = sum(x.numel() for x in loaded.parameters()), sum(x.numel() for x in
+                                                               AutoModelForImageTextToText.from_pretrained(ctx["ckpt"]).parameters())
+    finite = math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])
+    return finite and n == want, (f"loss {m['loss']:.4g}, grad norm {m['grad_norm']:.4g} (finite: {finite}); {out} "
+                                  f"loads with from_pretrained, {n:,} of {want:,} parameters")
+
+
+def accept_policy(ctx: dict):
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+    model = AutoModelForImageTextToText.from_pretrained(ctx["ckpt"], dtype=torch.float32).to(ctx["device"]).eval()
+    tok = AutoTokenizer.from_pretrained(ctx["ckpt"])
+    spec = V.vision_spec(model.config, ctx["ckpt"])
+    args = V.parse_args(["--stage", "viss", "--media_root", ctx["data"], *ctx["flags"]])
+    sample = V.make_sample(V.load_rows(ctx["rl"])[0], args, spec, tok, random.Random(0))
+    return V.Policy(model), tok, spec, sample
+
+
+def check_logprobs(ctx: dict, bf16: bool) -> tuple[bool, str]:
+    """Prefix-shared against per-row log-probs of the same completions (different lengths, padded after EOS).
+    float32: within 1e-5. bf16 (autocast): every activation is rounded to 8 significant bits (2^-8 = 0.4 %
+    relative), and the two paths run different kernels on different shapes, so a logit of magnitude 10-20 can
+    move by a few bf16 steps of 0.04-0.08: max |diff| <= 0.1 nats, mean <= 0.01 (a real bug, e.g. a wrong mask
+    or position, moves log-probs by whole nats)."""
+    policy, tok, spec, s = accept_policy(ctx)
+    g = torch.Generator().manual_seed(0)
+    comp = torch.randint(0, 100, (4, 12), generator=g).to(ctx["device"])
+    comp[0, 5:], comp[1, 9:] = tok.pad_token_id, tok.pad_token_id
+    comp[0, 4] = comp[1, 8] = tok.eos_token_id
+    mask = V.completion_mask(comp, tok.eos_token_id)
+    with torch.no_grad(), torch.autocast(ctx["device"].type, dtype=torch.bfloat16, enabled=bf16):
+        shared, rows = (V.sequence_logprobs(policy, s, comp, 1.0, None, shared=flag) for flag in (True, False))
+    d = ((shared - rows).abs() * mask)
+    big, mean = d.max().item(), (d.sum() / mask.sum()).item()
+    ok = (big <= BF16_TOL[0] and mean <= BF16_TOL[1]) if bf16 else big <= 1e-5
+    tol = f"max <= {BF16_TOL[0]}, mean <= {BF16_TOL[1]}" if bf16 else "max <= 1e-5"
+    return ok, f"max |diff| {big:.2e}, mean {mean:.2e} over {int(mask.sum())} tokens ({tol})"
+
+
+def check_greedy(ctx: dict) -> tuple[bool, str]:
+    """The sampler's greedy tokens equal generate()'s (eval.py's call), and so do the position_ids each feeds
+    the language model in its prefill and in every decode step."""
+    policy, tok, spec, s = accept_policy(ctx)
+    seen = {"sampler": [], "generate": []}
+    model, key = policy.model, ["sampler"]
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda mod, a, kw: seen[key[0]].append(kw["position_ids"][-3:].cpu()), with_kwargs=True)
+    eos, bias = never_eos(model), V.vocab_bias(model, spec, ctx["device"])
+    ours, _ = V.sample_group(policy, s, 1, 8, 1.0, 1.0, eos, tok.pad_token_id, bias, greedy=True)
+    key[0] = "generate"
+    theirs = __import__("eval").generate_batch(model, [s], eos, tok.pad_token_id, torch.isinf(bias).nonzero()
+                                               .flatten().tolist(), 8)
+    hook.remove()
+    same_tokens = ours.cpu().tolist() == theirs.cpu().tolist()
+    a, b = seen["sampler"], seen["generate"]
+    same_pos = len(a) == len(b) and torch.equal(a[0], b[0]) and all(
+        torch.equal(x[..., -1:].expand(3, 1, 1), y[..., -1:].expand(3, 1, 1)) for x, y in zip(a[1:], b[1:]))
+    return same_tokens and same_pos, (f"{ours.shape[1]} greedy tokens {'equal' if same_tokens else 'DIFFER'}; "
+                                      f"position_ids of the prefill and {len(a) - 1} decode steps "
+                                      f"{'equal' if same_pos else 'DIFFER'}")
+
+
+def check_eval(ctx: dict) -> tuple[bool, str]:
+    """eval.py on the checkpoint: every item generated and scored, none failed."""
+    import eval as E
+    out = os.path.join(ctx["root"], "eval")
+    res = E.main(["--ckpt", ctx["ckpt"], "--bench", ctx["bench"], "--media_root", ctx["data"], "--out", out,
+                  "--nframes", "4", "--max_new_tokens", "8", "--limit", "4"])
+    s = next(iter(res.values()))["none"]
+    return s["scored"] == s["items"] > 0, f"{s['scored']} of {s['items']} items scored, {s['failed']} failed"
+
+
+def check_annotate(ctx: dict) -> tuple[bool, str]:
+    """annotate.py with the checkpoint as the teacher: every row ends kept or rejected, none failed."""
+    import annotate as N
+    out = os.path.join(ctx["root"], "annotate")
+    s = N.main(["--model", ctx["ckpt"], "--data", ctx["rl"], "--media_root", ctx["data"], "--out", out,
+                "--nframes", "4", "--max_new_tokens", "8", "--limit", "4", "--video_min_pixels", "3136",
+                "--video_max_pixels", "3136"])
+    return s["failed"] == 0 and s["kept"] + s["rejected"] == s["rows"] == 4, (
+        f"{s['rows']} rows: {s['kept']} kept, {s['rejected']} rejected, {s['failed']} failed")
+
+
+CHECKS = {f"train {s}": (lambda c, s=s: check_train(c, s)) for s in ("sft", "pretext", "viss", "grpo")}
+CHECKS.update({"log-probs float32": lambda c: check_logprobs(c, False),
+               "log-probs bf16": lambda c: check_logprobs(c, True), "greedy = generate": check_greedy,
+               "eval.py": check_eval, "annotate.py": check_annotate})
+
+
+def accept_figures(ctx: dict) -> list[str]:
+    """Measured peak memory by phase against dry_run.py's plan of the same step, decode time per token against
+    the bandwidth bound, prefill and scoring MFU against the data-sheet peak, the step's time by phase."""
+    device, p = ctx["device"], ctx["preset"]
+    cpu = device.type == "cpu"
+    where = "CPU figures (not a GPU's)" if cpu else torch.cuda.get_device_name(device)
+    N = p.step_tokens[0] if not cpu else 8
+    args = V.parse_args(["--stage", "grpo", "--media_root", ctx["data"], "--model", ctx["ckpt"], *ctx["flags"],
+                         "--max_completion_length", str(N)])
+    policy, tok, spec, _ = accept_policy(ctx)
+    if args.gradient_checkpointing:
+        policy.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ref = accept_policy(ctx)[0].eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6)
+    bias, eos = V.vocab_bias(policy.model, spec, device), never_eos(policy.model)
+    row, bp, mem = dict(ROW, path=V.load_rows(ctx["rl"])[0]["path"]), replace(p, bf16=args.bf16), {}
+    grpo_step(policy, ref, optimizer, args, tok, spec, bias, eos, bp, device, row=row)  # warm-up
+    parts, _ = grpo_step(policy, ref, optimizer, args, tok, spec, bias, eos, bp, device, mem, row)
+    lines = [f"FIGURE step time by phase ({where}): " + ", ".join(f"{k} {v:.3f} s" for k, v in parts.items())]
+    plan = os.path.join(ctx["root"], "plan.json")  # dry_run.py in a process of its own: one process, no group
+    subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "dry_run.py"),
+                    "--stage", "grpo", "--model", ctx["ckpt"], "--media_root", ctx["data"], "--world_size", "1",
+                    *ctx["flags"], "--max_completion_length", str(N), "--json", plan], check=True,
+                   capture_output=True, env={k: v for k, v in os.environ.items() if k not in DIST_ENV})
+    with open(plan) as f:
+        ph = json.load(f)["phases"]
+    planned = {"rollout": max(ph["rollout: prefill"]["total"], ph["rollout: decode"]["total"]),
+               "step": max(r["total"] for r in ph.values())}
+    for k in ("rollout", "step"):
+        if cpu:
+            lines.append(f"FIGURE peak memory {k}: planned {planned[k] / 2**20:.1f} MiB (dry_run.py, one process); "
+                         f"measured: not on CPU (no allocator counter; bench.py --sections step measures ru_maxrss)")
+        else:
+            got = mem[k] - 0
+            lines.append(f"FIGURE peak memory {k}: measured {got / 2**30:.2f} GiB (torch.cuda.max_memory_allocated), "
+                         f"planned {planned[k] / 2**30:.2f} GiB (dry_run.py, one process), "
+                         f"{100 * (got - planned[k]) / planned[k]:+.1f} %")
+    sample = V.make_sample(row, args, spec, tok, random.Random(0))
+    P, patches = len(sample.ids), sample.vis["pixel_values_videos"].shape[0]
+    policy.eval()  # (grpo_step leaves it in training mode, where checkpointing turns the KV cache off)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+        t1 = timed(lambda: V.sample_group(policy, sample, p.G, 1, 1.0, 1.0, eos, 0, bias, greedy=True), device)[1]
+        tN = timed(lambda: V.sample_group(policy, sample, p.G, N, 1.0, 1.0, eos, 0, bias, greedy=True), device)[1]
+    per_token = (tN - t1) / (N - 1)
+    params = sum(x.numel() for x in policy.parameters())
+    c = flop_counts(policy.model)
+    kv = 2 * c["L"] * p.G * p.kv_heads * (p.hidden // p.heads) * (P + N // 2) * (2 if args.bf16 else 4)
+    step_bytes = params * (2 if args.bf16 else 4) + kv
+    bw = datasheet(BANDWIDTH, device)
+    bound = f"bound {step_bytes / bw * 1e3:.2f} ms ({step_bytes / 1e9:.2f} GB read per step / {bw / 1e12:.2f} " \
+            f"TB/s data sheet), {step_bytes / bw / per_token:.0%} of it" if bw else "no data-sheet bandwidth here"
+    lines.append(f"FIGURE decode: {per_token * 1e3:.2f} ms per step of {p.G} tokens; {bound}")
+    rate = matmul_rate(device) if cpu else None
+    peak, label = mfu_peak(device, rate or 0.0)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+        prefill_s = timed(lambda: V.sample_group(policy, sample, 1, 1, 1.0, 1.0, eos, 0, bias, greedy=True),
+                          device)[1]
+    lines.append(f"FIGURE MFU against {label}: prefill {forward_flops(c, 1, P, 0, patches) / prefill_s / peak:.1%} "
+                 f"({P} tokens, {prefill_s:.3f} s), scoring forward+backward "
+                 f"{3 * forward_flops(c, p.G, P, N, patches, True) / parts['fwd_bwd'] / peak:.1%}")
+    return lines
+
+
+def accept(argv=None) -> int:
+    """The acceptance run: every check, then the figures; exit status 1 if a check failed."""
+    ap = argparse.ArgumentParser(description="GPU acceptance check (see bench.py's docstring)")
+    ap.add_argument("--accept", action="store_true")
+    ap.add_argument("--accept_layers", type=int, default=4, help="language-model layers of the 7B-shaped model")
+    ap.add_argument("--only", action="append", choices=list(CHECKS), help="run these checks only (repeatable)")
+    ap.add_argument("--no_figures", action="store_true", help="the PASS / FAIL lines only")
+    a = ap.parse_args(argv)
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        raise SystemExit("run it as `torchrun --nproc_per_node 1 bench.py --accept` (the FSDP2 path, NCCL on a GPU)")
+    _, _, device = V.setup_distributed()
+    t0, failed = time.time(), 0
+    with tempfile.TemporaryDirectory(prefix="viss_accept_") as root:
+        ctx = accept_setup(root, device, a.accept_layers)
+        where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (gloo, float32, the tiny model)"
+        print(f"acceptance check on {where}; torch {torch.__version__}", flush=True)
+        for name, fn in CHECKS.items():
+            if a.only and name not in a.only:
+                continue
+            try:
+                ok, detail = fn(ctx)
+            except Exception as e:  # noqa: BLE001 -- a check that crashes fails, with its reason
+                ok, detail = False, f"raised {type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
+            failed += not ok
+            print(f"{'PASS' if ok else 'FAIL'}  {name}: {detail}", flush=True)
+        if not a.no_figures and not a.only:
+            for line in accept_figures(ctx):
+                print(line, flush=True)
+    print(f"{failed} check(s) failed; {time.time() - t0:.0f} s", flush=True)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 1 if failed else 0
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Main: parse, build the inputs, run the sections, print the summary table last, write JSON
 # ---------------------------------------------------------------------------------------------------------
 
@@ -691,6 +932,8 @@ def machine(device: torch.device) -> dict:
 
 
 def main(argv=None) -> dict:
+    if "--accept" in (argv if argv is not None else __import__("sys").argv[1:]):
+        raise SystemExit(accept(argv))
     a, p, sections = parse(argv)
     device = torch.device(a.device)
     res = {"preset": a.preset, "sections": sections, "config": asdict(p), "machine": machine(device), "section_s": {}}

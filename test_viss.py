@@ -2958,3 +2958,50 @@ def test_training_step_after_the_new_load_path_equals_the_old(demo, tmp_path):
         for (new_loss, new_norm), (old_loss, old_norm) in (eval(x) for x in re.findall(r"step \d (\[.*\])", r.stdout)):
             assert new_loss == pytest.approx(old_loss, abs=1e-6) and new_norm == pytest.approx(old_norm, abs=1e-6)
     assert len(re.findall(r"step \d ", runs[1].stdout)) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The GPU acceptance check (bench.py --accept), in its CPU mode; every correctness line can fail
+# ---------------------------------------------------------------------------------------------------------
+
+def test_acceptance_check_passes_on_cpu(tmp_path):
+    """`torchrun --nproc_per_node 1 bench.py --accept` on CPU (gloo, float32, the tiny model): every correctness
+    line prints PASS, the figure lines say they are CPU figures, the exit status is 0."""
+    r = torchrun("--accept", nproc=1, script=os.path.join(HERE, "bench.py"), timeout=240)
+    out = r.stdout.replace("\r", "\n")
+    assert r.returncode == 0, (out + r.stderr)[-3000:]
+    lines = [line for line in out.splitlines() if line.startswith(("PASS", "FAIL"))]
+    assert [line.split(":")[0][6:] for line in lines] == list(B.CHECKS) and all(x.startswith("PASS") for x in lines)
+    figures = [line for line in out.splitlines() if line.startswith("FIGURE")]
+    assert len(figures) == 5 and "CPU figures" in figures[0] and "0 check(s) failed" in out
+
+
+@pytest.fixture(scope="module")
+def accept_ctx(tmp_path_factory):
+    return B.accept_setup(str(tmp_path_factory.mktemp("accept")), torch.device("cpu"))
+
+
+def _nan_logprobs(real):
+    return lambda *a, **k: real(*a, **k) * float("nan")
+
+
+@pytest.mark.parametrize("name", list(B.CHECKS))
+def test_each_acceptance_check_fails_when_its_condition_is_broken(accept_ctx, tmp_path, monkeypatch, name):
+    """Each line, its condition broken on purpose, reports FAIL: a non-finite loss (train), shared log-probs off
+    by 0.5 nats (log-probs), the sampler's positions off by one (greedy), media that cannot be read (eval.py,
+    annotate.py). So no line passes by construction."""
+    ctx = dict(accept_ctx, root=str(tmp_path))
+    assert B.CHECKS[name](ctx)[0]  # as it stands: PASS
+    if name.startswith("train"):
+        monkeypatch.setattr(V, "token_logprobs", _nan_logprobs(V.token_logprobs))
+    elif name.startswith("log-probs"):
+        real = V.sequence_logprobs
+        monkeypatch.setattr(V, "sequence_logprobs", lambda *a, shared=True, **k: real(*a, shared=shared, **k) + 0.5 *
+                            shared)
+    elif name.startswith("greedy"):
+        real = V.rope_positions
+        monkeypatch.setattr(V, "rope_positions", lambda *a: (real(*a)[0] + 1, real(*a)[1] + 1))
+    else:
+        ctx["data"] = str(tmp_path / "nowhere")
+    ok, detail = B.CHECKS[name](dict(ctx, root=str(tmp_path / "broken")))
+    assert not ok, detail

@@ -206,10 +206,11 @@ def print0(*a, **k):
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world size, device). torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; NCCL on CUDA, gloo on CPU."""
+    """(rank, world size, device). torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; NCCL on CUDA, gloo on CPU. Under
+    torchrun the run is FSDP2-sharded even on one process (the path of the paper's run, on one GPU)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     cuda = torch.cuda.is_available()
-    if world == 1:
+    if world == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:  # plain `python viss_r1.py`: no process group
         return 0, 1, torch.device("cuda" if cuda else "cpu")
     local = int(os.environ.get("LOCAL_RANK", 0))
     if cuda:
@@ -1533,7 +1534,7 @@ def save_checkpoint(args: Args, step: int, policy, tokenizer, processor, spec, o
     with warnings.catch_warnings():  # dcp warns that a single process is a single process
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.save({"optimizer": get_optimizer_state_dict(policy, optimizer)},
-                 checkpoint_id=os.path.join(tmp, "optimizer"), no_dist=world == 1)
+                 checkpoint_id=os.path.join(tmp, "optimizer"), no_dist=not torch.distributed.is_initialized())
 
     def write():  # rank 0 alone: the HF model, the schedule, meta.json last; then the rename
         save_hf(tmp, policy.model, tokenizer, processor, spec, state_dict=full)
@@ -1586,7 +1587,7 @@ def make_policy(model, args: Args, device, world: int, trainable: bool = True) -
     if args.gradient_checkpointing and trainable:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = Policy(model)
-    if world > 1:
+    if torch.distributed.is_initialized():  # under torchrun (any number of processes), or dry_run's fake group
         shard(policy, args.bf16, device)  # FSDP2 places each shard on `device`
     elif device.type != "cpu":  # weights are built on the CPU
         policy.to(device)
@@ -1637,8 +1638,9 @@ def load_model(path: str, args: Args, device, world: int, trainable: bool = True
     """A Policy on `device` (sharded with FSDP2 under torchrun), plus tokenizer, processor and VisionSpec."""
     from transformers import AutoTokenizer
     build = lambda model: make_policy(model, args, device, world, trainable)  # noqa: E731
-    policy = load_sharded(path, torch.float32, build, device) if world > 1 else build(load_whole(path, torch.float32,
-                                                                                               device))
+    sharded = torch.distributed.is_initialized()  # read once by rank 0 whatever the number of ranks
+    policy = load_sharded(path, torch.float32, build, device) if sharded else build(load_whole(path, torch.float32,
+                                                                                             device))
     model = policy.model
     tokenizer = AutoTokenizer.from_pretrained(path)
     processor = None
@@ -1760,7 +1762,8 @@ def train(args: Args) -> dict:
     eos_ids, pad_id = decoding_ids(policy.model, tokenizer)
     bias = vocab_bias(policy.model, spec, device)
     # bf16: FSDP2's mixed precision under torchrun, autocast on a single process (weights stay float32)
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and world == 1)  # noqa
+    sharded = torch.distributed.is_initialized()
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and not sharded)  # noqa
     if rank == 0:
         for name in ("metrics.jsonl", "rollouts.jsonl"):  # a fresh run starts them anew; a resumed one drops
             path = os.path.join(args.out, name)  # the lines the killed run wrote after its last checkpoint
@@ -1804,7 +1807,7 @@ def train(args: Args) -> dict:
         with torch.no_grad(), autocast():
             if ref is not None and not sft:
                 ref_lp = score(ref)
-                if world > 1:
+                if sharded:
                     ref.reshard()  # FSDP2 keeps a root gathered for its backward; the reference has none
             if args.num_iterations > 1 and not sft:  # the policy that sampled, for real ratios later
                 old = score(policy)
