@@ -20,7 +20,7 @@ Run it:
     python viss_r1.py --stage viss --model sft_out/ --data train.jsonl --media_root data/ --out out/
     torchrun --nproc_per_node 8 viss_r1.py --stage viss --model sft_out/ --data train.jsonl \
         --media_root data/ --out out/       # the paper: 8 GPUs, FSDP2, bf16 and checkpointing (CUDA's defaults)
-    torchrun --nproc_per_node 8 viss_r1.py ... --resume                      # continue after a kill
+    torchrun --nproc_per_node 8 viss_r1.py ... --resume     # continue after a kill or a preemption (SIGTERM)
     python eval.py --ckpt out/                                               # the six benchmarks
 
 The file reads top to bottom in data-flow order: config -> distributed -> media -> pretext transforms ->
@@ -145,6 +145,8 @@ class Args:
     log_rollouts_every: int = arg(10, "print one rollout and dump the step's rollouts every N steps (0: never)")
     seed: int = arg(42, "data order, transforms and sampling; one seed gives the same run on any number of GPUs")
     resume: bool = arg(False, "continue from the latest checkpoint in --out")
+    resume_with_changes: bool = arg(False, "--resume even where the settings that shape the run (seed, data, "
+                                    "stage, G, lr, loss, tasks, frames, pixels) differ from the checkpoint's")
     gradient_checkpointing: bool | None = arg(None, "recompute decoder layer activations in backward (the paper: on)")
     bf16: bool | None = arg(None, "bf16 compute; weights and AdamW state stay float32 (the paper: on)")
     max_bad_media: float = arg(0.2, "stop if more than this fraction of rows have unreadable media")
@@ -1496,6 +1498,58 @@ def sequence_logprobs(policy: Policy, sample: Sample, completion: torch.Tensor, 
 # Checkpoints: a plain HF directory per save + sharded optimizer state + meta, written to a temp dir, renamed
 # ---------------------------------------------------------------------------------------------------------
 
+PREEMPTED = 75  # exit status of a preempted run that --resume continues (EX_TEMPFAIL): a requeue script's cue
+# the settings a resumed run must share with its checkpoint (else another run continues from its weights)
+TRAJECTORY = ("stage", "model", "seed", "num_generations", "per_device_prompts", "temperature", "top_p",
+              "max_completion_length", "learning_rate", "weight_decay", "max_grad_norm", "warmup_steps",
+              "lr_scheduler_type", "beta", "epsilon", "epsilon_high", "num_iterations", "loss_type", "scale_rewards",
+              "pretext_tasks", "temporal", "length_bonus", "sft_join", "nframes", "max_frames", "video_min_pixels",
+              "video_max_pixels", "image_min_pixels", "image_max_pixels", "bf16")
+
+
+class Preemption:
+    """SIGTERM, or SIGUSR1 (what clusters send ahead of a time limit; torchrun's agent forwards it with
+    --signals_to_handle), only records the signal: train() agrees on it with every rank in the step's gather,
+    saves that step and stops (Preempted). A second signal exits at once. Installed by main() (main thread)."""
+
+    def __init__(self):
+        import signal
+        self.signal, self.old = None, {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGUSR1)}
+
+    def handle(self, sig, frame):
+        import signal
+        if self.signal:
+            os._exit(128 + sig)
+        self.signal = signal.Signals(sig).name
+        print(f"rank {os.environ.get('RANK', 0)}: {self.signal}: finishing the step, then saving it", flush=True)
+
+    def restore(self):
+        import signal
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+
+
+class Preempted(RunStopped):
+    """Every rank stops after saving the step a preemption signal arrived in."""
+
+
+def data_identity(rows: list[dict], prompts: dict) -> dict:
+    """What a resume compares besides the flags: the rows (count and a hash of their content) and the prompts."""
+    import hashlib
+    digest = lambda x: hashlib.sha256(json.dumps(x, sort_keys=True).encode()).hexdigest()[:16]  # noqa: E731
+    return {"rows": len(rows), "rows_sha256": digest(rows), "prompts_sha256": digest(prompts)}
+
+
+def resume_changes(meta: dict, args: Args, identity: dict) -> list[str]:
+    """The settings that shape the run and differ between a checkpoint's meta.json and this run, one per line."""
+    old, new = meta.get("args", {}), vars(args)
+    out = [f"--{k} {old[k]} -> {new[k]}" for k in TRAJECTORY if k in old and old[k] != new[k]]
+    for k, v in meta.get("data", {}).items():
+        if v != identity[k]:
+            out.append(f"{'--data' if k.startswith('rows') else '--prompts'} {k} {v} -> {identity[k]}")
+    return out
+
+
 def latest_checkpoint(out: str) -> str | None:
     """The newest complete `out/step-NNNNNN` (a crash mid-save leaves only a `.tmp-` directory behind)."""
     if not os.path.isdir(out):
@@ -1705,22 +1759,24 @@ def rollout(policy, samples: list, args: Args, tokenizer, eos_ids: list[int], pa
     return out
 
 
+def lr_factor(update: int, args: Args) -> float:
+    """--learning_rate's multiplier at optimizer update `update`: linear warmup over --warmup_steps updates, then
+    cosine to zero at the last update (max_steps · num_iterations), or constant."""
+    total = max(1, args.max_steps * args.num_iterations)
+    if update < args.warmup_steps:
+        return (update + 1) / args.warmup_steps
+    if args.lr_scheduler_type == "constant":
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * (update - args.warmup_steps) / max(1, total - args.warmup_steps)))
+
+
 def make_scheduler(optimizer, args: Args):
-    """Linear warmup over --warmup_steps optimizer updates, then cosine to zero at the last update (or constant)."""
-    total = max(1, args.max_steps * args.num_iterations)  # optimizer updates
-
-    def lr_lambda(u):
-        if u < args.warmup_steps:
-            return (u + 1) / args.warmup_steps
-        if args.lr_scheduler_type == "constant":
-            return 1.0
-        return 0.5 * (1 + math.cos(math.pi * (u - args.warmup_steps) / max(1, total - args.warmup_steps)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, args=args))
 
 
-def train(args: Args) -> dict:
-    """One stage of training as configured by `args`; returns the last step's metrics (rank 0)."""
+def train(args: Args, preemption: Preemption | None = None) -> dict:
+    """One stage of training as configured by `args`; returns the last step's metrics (rank 0). `preemption`
+    (main() installs one): a signal it recorded saves the step it arrived in, then every rank stops."""
     import time
     from tqdm import tqdm
 
@@ -1737,6 +1793,9 @@ def train(args: Args) -> dict:
                 raise DataError(f"{args.data} has {kind} rows, but --pretext_tasks {args.pretext_tasks} enables no "
                                 f"{kind} task ({', '.join(PRETEXT_TASKS[kind])})")
     os.makedirs(args.out, exist_ok=True)
+    identity, marker = data_identity(rows, load_prompts(args.prompts)), os.path.join(args.out, "PREEMPTED")
+    if rank == 0 and os.path.exists(marker):  # this start continues it (or fails for its own reasons)
+        os.remove(marker)
     resume = latest_checkpoint(args.out)
     if resume and not args.resume:  # never overwrite a run by accident
         raise RunStopped(f"{args.out} already holds {os.path.basename(resume)}: pass --resume to continue it, or "
@@ -1753,9 +1812,22 @@ def train(args: Args) -> dict:
             meta = json.load(f)
         if len(meta["cursors"]) != world:
             raise RunStopped(f"{resume} was written by {len(meta['cursors'])} processes; resume with as many")
+        if (changed := resume_changes(meta, args, identity)) and not args.resume_with_changes:
+            raise RunStopped(f"{resume} was trained with other settings; resuming would continue another run:\n  "
+                             + "\n  ".join(changed) + "\npass the checkpoint's values, or --resume_with_changes")
+        if meta["step"] >= args.max_steps:
+            raise RunStopped(f"{resume} is at step {meta['step']}, --max_steps {args.max_steps}: nothing to do")
         load_optimizer(resume, policy, optimizer)
         scheduler.load_state_dict(torch.load(os.path.join(resume, "scheduler.pt"), weights_only=True))
-        print0(f"resumed from {resume} at step {meta['step']}")
+        scheduler.base_lrs = [args.learning_rate] * len(optimizer.param_groups)  # a changed lr / decay holds
+        for group in optimizer.param_groups:
+            group["weight_decay"] = args.weight_decay
+        print0(f"resumed from {resume} at step {meta['step']}" + "".join(f"; changed: {c}" for c in changed))
+        if (old := meta.get("args", {}).get("max_steps", args.max_steps)) != args.max_steps:  # a longer (shorter) run
+            lr = [args.learning_rate * lr_factor(meta["step"] * args.num_iterations, replace(args, max_steps=n))
+                  for n in (args.max_steps, old)]
+            print0(f"--max_steps {old} -> {args.max_steps}: the {args.lr_scheduler_type} schedule now spans "
+                   f"{args.max_steps} steps; the next update's lr is {lr[0]:.3g} (the old schedule's: {lr[1]:.3g})")
     counters, bad_names = dict(meta["counters"][rank]), set()
     stream = RowStream(rows, args.seed, rank, world, meta["cursors"][rank])
     G, sft = args.num_generations, args.stage == "sft"
@@ -1843,10 +1915,12 @@ def train(args: Args) -> dict:
                                                        for s in samples], "counters": dict(counters),
                  "cursor": stream.cursor}
         samples, local["failed"] = prepare(step + 1)
+        local["signal"] = preemption.signal if preemption else None
         # ---- log: gather every rank's numbers (and reasons to stop); rank 0 prints a status line, appends metrics
         everyone = all_gather(local, world)
         meta = {"step": step, "cursors": [e["cursor"] for e in everyone], "counters": [e["counters"] for e in everyone],
-                "args": vars(args)}
+                "args": vars(args), "data": identity}
+        signalled = next((e["signal"] for e in everyone if e["signal"]), None)  # on any rank: every rank stops
         if rank == 0:
             m = log_step(args, step, everyone, grad_norm, scheduler.get_last_lr()[0], t_rollout, t_step, sft,
                          R_all if not sft else None)
@@ -1855,9 +1929,15 @@ def train(args: Args) -> dict:
             bar.write(status_line(m, args.max_steps, sft) + f" | eta {eta / 60:.1f}m")
             bar.update(1)
         # ---- checkpoint (the last step always saves)
-        if step % args.save_steps == 0 or step == args.max_steps:
+        if step % args.save_steps == 0 or step == args.max_steps or signalled:
             save_checkpoint(args, step, policy, tokenizer, processor, spec, optimizer, scheduler, meta, rank, world)
         stop_if_any([e["failed"] for e in everyone])  # a rank could not make its next prompts: all stop here
+        if signalled and step < args.max_steps:
+            if rank == 0:
+                with open(marker, "w") as f:  # under torchrun (whose agent exits 1 anyway) the requeue's cue
+                    json.dump({"step": step, "signal": signalled, "checkpoint": latest_checkpoint(args.out)}, f)
+            raise Preempted(f"{signalled}: step {step} saved in {latest_checkpoint(args.out)}; continue with the "
+                            f"same command and --resume (exit status {PREEMPTED}, marker {marker})")
     bar.close()
     last = latest_checkpoint(args.out)  # --out itself becomes the final model (again, if a kill interrupted it)
     failed = None
@@ -1941,11 +2021,16 @@ def main(argv=None):
     args = parse_args(argv)
     if not args.data:
         raise SystemExit("--data is required (a Video-R1 JSON or JSONL file)")
+    preemption = Preemption()
     try:
-        return train(args)
+        return train(args, preemption)
+    except Preempted as e:  # saved: a requeue continues it
+        print0(f"preempted: {e}")
+        raise SystemExit(PREEMPTED) from None
     except (DataError, RunStopped) as e:  # the message is the whole story; every rank stops, one prints it
         raise SystemExit(f"error: {e}" if int(os.environ.get("RANK", 0)) == 0 else 1) from None
     finally:
+        preemption.restore()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
