@@ -288,13 +288,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.merge:
         return merge(args.merge)
-    try:
-        return annotate(args)
-    except V.RunStopped as e:  # agreed by every rank; one prints why
-        raise SystemExit(f"error: {e}" if int(os.environ.get("RANK", 0)) == 0 else 1) from None
-    finally:
-        if torch.distributed.is_initialized():  # every rank is past its last collective here
-            torch.distributed.destroy_process_group()
+    return V.run_command(annotate, args)  # a stop agreed by every rank: its reason printed once
 
 
 def annotate(args) -> dict:

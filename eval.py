@@ -411,13 +411,7 @@ def format_table(results: dict, probes: list[str]) -> str:
 
 
 def main(argv=None) -> dict:
-    try:
-        return evaluate(parse_args(argv))
-    except V.RunStopped as e:  # agreed by every rank; one prints why
-        raise SystemExit(f"error: {e}" if int(os.environ.get("RANK", 0)) == 0 else 1) from None
-    finally:
-        if torch.distributed.is_initialized():  # every rank is past its last collective here
-            torch.distributed.destroy_process_group()
+    return V.run_command(evaluate, parse_args(argv))  # a stop agreed by every rank: its reason printed once
 
 
 def evaluate(args) -> dict:

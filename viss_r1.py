@@ -1,12 +1,11 @@
-"""
-ViSS-R1: self-supervised reinforcement learning for video reasoning, in one file.
+"""ViSS-R1: self-supervised reinforcement learning for video reasoning, in one file.
 
 Paper: Fang et al., "ViSS-R1: Self-Supervised Reinforcement Video Reasoning", arXiv 2511.13054.
 
-Video R1-style GRPO tends to teach a multimodal LLM to answer from the text of the question and to ignore
-the pixels. ViSS-R1 makes the model look: every training clip is *transformed* by a self-supervised pretext
-task (rotated, reversed, shuffled, flipped, puzzled) and the model is rewarded for naming the transformation
-and for answering the user's question about the restored clip, inside the same GRPO update.
+Video R1-style GRPO tends to teach a multimodal LLM to answer from the question's text and ignore the pixels.
+ViSS-R1 makes the model look: every training clip is *transformed* by a self-supervised pretext task (rotated,
+reversed, shuffled, flipped, puzzled) and the model is rewarded for naming the transformation and for answering
+the user's question about the restored clip, inside the same GRPO update.
 
     Pretext-GRPO   transformed clip + pretext question only, reward = letter + format (+ length), beta 0.04
     ViSS-R1        SFT cold start, then GRPO on the transformed clip with both questions:
@@ -23,38 +22,30 @@ Run it:
     torchrun --nproc_per_node 8 viss_r1.py ... --resume     # continue after a kill or a preemption (SIGTERM)
     python eval.py --ckpt out/                                               # the six benchmarks
 
-The file reads top to bottom in data-flow order: config -> distributed -> media -> pretext transforms ->
-prompts -> rewards -> GRPO math -> data -> samples -> rollout -> checkpoints -> training loop. It holds the
-algorithm only: the demo, the tiny test checkpoints (demo.py), the benchmarks (bench.py) and the evaluation
-(eval.py) import it, never the other way round. Every piece others copy is a small pure function; importing this
-module loads nothing heavy (transformers and decord are imported inside the functions that need them).
+The file reads top to bottom in data-flow order: config -> distributed -> media -> pretext transforms -> prompts
+-> rewards -> GRPO math -> data -> samples -> rollout -> checkpoints -> training loop. It holds the algorithm only:
+the demo and tiny test checkpoints (demo.py), the benchmarks (bench.py) and the evaluation (eval.py) import it,
+never the other way round; importing it loads nothing heavy (transformers and decord load where they are used).
 
-Where the paper's numbers depend on the authors' release, this file does what the release does: rollouts
-sample at temperature 1.0, top_p 0.95; training frames are ~128·28·28 px (its training block), images at most
-256·28·28; SFT targets join think, transform and answer with newlines; eval.py scores as its evaluation does.
+Where the paper's numbers depend on the authors' release, this file does what it does: rollouts sample at
+temperature 1.0, top_p 0.95; training frames are ~128·28·28 px, images at most 256·28·28; SFT targets join think,
+transform and answer with newlines; eval.py scores as its evaluation does.
 Deliberate departures from the release (each one is explained where it is implemented):
-  1. `shuffle` works for any frame count (a clip of 4k+2 frames keeps 4k of them, evenly spread; the release
-     hard-wires 32 frames) and the question names the real frame ranges.
-  2. The sampled fps reaches every forward as `second_per_grid_ts` (Qwen2.5-VL's M-RoPE time axis). The
-     release's RL and SFT code never passes it to the processor, so it trains at 1 s per temporal patch whatever
-     the clip's fps (its evaluation passes the real fps), and its scoring forward drops it altogether.
+  1. `shuffle` takes any frame count (4k+2 keep 4k, evenly spread) and names the real frame ranges (release: 32).
+  2. The sampled fps reaches every forward as `second_per_grid_ts` (Qwen2.5-VL's M-RoPE time axis); the release's
+     RL and SFT code trains at 1 s per temporal patch whatever the fps (its scoring forward drops it altogether).
   3. Free-form ROUGE tokenizes like rouge-score but without the Porter stemmer.
   4. An explicit `nframes` larger than the clip repeats frames instead of raising (qwen-vl-utils raises).
   5. Images are decoded with Pillow, imported only when an image row is read (decord reads video only).
-  6. Rollouts decode G samples from one shared prefill (the release: generate(num_return_sequences=G), which
-     prefills the prompt G times, and under transformers 4.x also encodes the video G times); the scoring
-     forwards (policy, reference, old) run each group as ONE sequence [prompt; c_1; ...; c_G], the clip and
-     the prompt once (the release: G copies through the vision tower and the language model); any number of
-     prompts per device (the release: exactly 1).
+  6. Rollouts decode G samples from one shared prefill (the release's generate(num_return_sequences=G): G
+     prefills); scoring forwards (policy, reference, old) run each group as ONE sequence [prompt; c_1; ...; c_G],
+     the clip and prompt once (the release: G copies); any number of prompts per device (the release: exactly 1).
   7. Vision placeholder tokens can never be sampled; sampling and scoring use the same masked distribution.
-  8. Every prompt's sampling is seeded by its position in the data stream, so a run resumed after a kill,
-     or run on another number of GPUs, draws the same completions.
-  9. SFT: the loss covers the target tokens only (the release's also covers the prompt's); no system message
-     (the release's SFT prompt has one, and puts the bare problem type in the type-instruction slot): --prompts.
- 10. T-GRPO's bonus needs ordered accuracy >= 0.8 x shuffled (Video-R1's rule); the ViSS-R1 release's
-     baseline trainer uses 1.0 x.
- 11. Every pretext task of a modality is on by default; the release's final RL run hard-codes video `arrow`
-     and image `puzzle` (--pretext_tasks arrow,puzzle).
+  8. Sampling is seeded by each prompt's data-stream position: a resumed run, or one on other GPUs, draws the same.
+  9. SFT: the loss covers the target tokens only (the release's also the prompt's); no system message (the
+     release's SFT prompt has one, and puts the bare problem type in the type-instruction slot): --prompts.
+ 10. T-GRPO's bonus needs ordered accuracy >= 0.8 x shuffled (Video-R1's rule; the ViSS-R1 release: 1.0 x).
+ 11. Every pretext task is on by default; the release's final RL run: --pretext_tasks arrow,puzzle (video, image).
 M-RoPE positions follow the models' pretraining rule (transformers 4.x's, the release's), not the pinned 5.x's
 get_rope_index: the text after a video starts one past its largest position on any axis (mrope_positions).
 """
@@ -68,7 +59,11 @@ import math
 import os
 import random
 import re
+import shutil
+import signal
+import time
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
@@ -145,7 +140,7 @@ class Args:
     log_rollouts_every: int = arg(10, "print one rollout and dump the step's rollouts every N steps (0: never)")
     seed: int = arg(42, "data order, transforms and sampling; one seed gives the same run on any number of GPUs")
     resume: bool = arg(False, "continue from the latest checkpoint in --out")
-    resume_with_changes: bool = arg(False, "--resume even where the settings that shape the run (seed, data, "
+    resume_with_changes: bool = arg(False, "allow --resume where the settings that shape the run (seed, data, "
                                     "stage, G, lr, loss, tasks, frames, pixels) differ from the checkpoint's")
     gradient_checkpointing: bool | None = arg(None, "recompute decoder layer activations in backward (the paper: on)")
     bf16: bool | None = arg(None, "bf16 compute; weights and AdamW state stay float32 (the paper: on)")
@@ -156,8 +151,7 @@ class Args:
 
 
 def fill_defaults(args: Args, cuda: bool | None = None) -> Args:
-    """The Nones that depend on the stage (STAGES) or the device (DEVICE_DEFAULTS: on iff `cuda`, which defaults
-    to whether this process sees a GPU), and epsilon_high = epsilon. Flags given explicitly are kept."""
+    """Fill the Nones: STAGES, DEVICE_DEFAULTS (on iff `cuda`, default: a GPU is visible), epsilon_high = epsilon."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
     for k, v in {**STAGES[args.stage], **dict.fromkeys(DEVICE_DEFAULTS, cuda), "epsilon_high": args.epsilon}.items():
         if getattr(args, k, None) is None:
@@ -169,7 +163,6 @@ def parse_args(argv=None, cuda: bool | None = None) -> Args:
     """Flags from the dataclass fields (booleans as --flag / --no-flag), then fill_defaults fills the Nones."""
     import argparse
     import typing
-
     p = argparse.ArgumentParser(description="ViSS-R1 training (see the module docstring)")
     hints = typing.get_type_hints(Args)
     for f in fields(Args):
@@ -196,7 +189,6 @@ def parse_args(argv=None, cuda: bool | None = None) -> Args:
             p.error(f"--{kind}_min_pixels {lo} is above --{kind}_max_pixels {hi}")
     return args
 
-
 # ---------------------------------------------------------------------------------------------------------
 # Distributed: the same file runs as `python viss_r1.py` or under `torchrun`, sharded with torch's FSDP2
 # ---------------------------------------------------------------------------------------------------------
@@ -208,8 +200,7 @@ def print0(*a, **k):
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world size, device). torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; NCCL on CUDA, gloo on CPU. Under
-    torchrun the run is FSDP2-sharded even on one process (the path of the paper's run, on one GPU)."""
+    """(rank, world size, device); NCCL on CUDA, gloo on CPU. Under torchrun it is FSDP2-sharded even on one GPU."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     cuda = torch.cuda.is_available()
     if world == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:  # plain `python viss_r1.py`: no process group
@@ -223,10 +214,8 @@ def setup_distributed() -> tuple[int, int, torch.device]:
 
 
 def shard(policy, bf16: bool, device: torch.device) -> None:
-    """FSDP2: one unit per decoder layer and per vision block (the classes transformers marks as not to be
-    split), plus the root (embeddings, lm_head, norms, patch embedding, merger). Parameters, gradients and
-    AdamW state are split across ranks; compute in bf16 with float32 master weights and reductions.
-    `policy` is a Policy, or the model itself when it is called directly (a sharded teacher's generate)."""
+    """FSDP2: one unit per decoder layer and vision block (_no_split_modules) plus the root, bf16 compute with float32
+    master weights and reductions. `policy`: a Policy, or a model called directly (a sharded teacher's generate)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
@@ -239,9 +228,8 @@ def shard(policy, bf16: bool, device: torch.device) -> None:
 
 
 class full_weights:
-    """Rollout under FSDP2: each unit all-gathers its weights on first use and keeps them until the rollout ends,
-    so decoding needs no collective (ranks may stop at different lengths or hold an image or a video without a
-    deadlock; no all-gather per token). Cost: a full bf16 copy of the model per GPU (15 GB for 7B)."""
+    """Rollout under FSDP2: each unit all-gathers its weights on first use and keeps them to the rollout's end, so
+    decoding needs no collective (ranks may stop at different lengths). Cost: a full bf16 copy per GPU (15 GB, 7B)."""
 
     def __init__(self, policy):
         from torch.distributed.fsdp import FSDPModule
@@ -278,8 +266,7 @@ def reason(e: Exception) -> str:
 
 
 def attempt(fn, *args) -> tuple:
-    """(fn(*args), None), or (None, reason) if it raised. Work one rank does alone must not raise there (the others
-    would wait in the next collective until it times out): the reason travels in the next gather instead."""
+    """(fn(*args), None) or (None, reason): a rank working alone must not raise (the others would hang): gather it."""
     try:
         return fn(*args), None
     except Exception as e:  # noqa: BLE001 -- every failure becomes a reason the ranks agree on
@@ -291,7 +278,6 @@ def stop_if_any(reasons: list) -> None:
     if reasons := [r for r in reasons if r]:
         raise RunStopped(reasons[0])
 
-
 # ---------------------------------------------------------------------------------------------------------
 # Media: frame sampling, resizing and patching for the Qwen2-VL family (SPEC §6)
 # ---------------------------------------------------------------------------------------------------------
@@ -301,28 +287,21 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_DECODE_PIXELS = 89_478_485  # Pillow's own limit (Image.MAX_IMAGE_PIXELS); larger images: see load_image
 
 
-def _round2(x: float) -> int:
-    return round(x / 2) * 2  # Python's round (half to even), as qwen-vl-utils' round_by_factor
-
-
 def smart_nframes(total_frames: int, video_fps: float, fps: float = 2.0, min_frames: int = 4,
                   max_frames: int = 16, nframes: int | None = None) -> int:
     """Number of frames to sample, as qwen-vl-utils: `fps` frames per second of video, clamped and even.
-
     >>> smart_nframes(300, 30.0)              # 10 s at 2 fps = 20, clamped to max_frames
     16
     >>> smart_nframes(30, 30.0)               # 1 s -> 2 frames, raised to min_frames
     4
     """
     if nframes is not None:
-        n = _round2(nframes)
+        n = round(nframes / 2) * 2  # Python's round (half to even), as qwen-vl-utils' round_by_factor
         if n < 2:
             raise ValueError(f"nframes={nframes} rounds to {n}; at least 2 frames are needed")
         return n  # may exceed total_frames: frame_indices then repeats frames (departure 4)
-    lo = math.ceil(min_frames / 2) * 2
-    hi = math.floor(min(max_frames, total_frames) / 2) * 2
-    n = total_frames / video_fps * fps
-    n = math.floor(min(max(n, lo), hi) / 2) * 2
+    lo, hi = math.ceil(min_frames / 2) * 2, math.floor(min(max_frames, total_frames) / 2) * 2
+    n = math.floor(min(max(total_frames / video_fps * fps, lo), hi) / 2) * 2
     if not 2 <= n <= total_frames:
         raise ValueError(f"cannot sample {n} frames from a clip of {total_frames} frames "
                          f"(min_frames={min_frames}, max_frames={max_frames})")
@@ -337,7 +316,6 @@ def frame_indices(total_frames: int, n: int) -> list[int]:
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 128 * 28 * 28,
                  max_pixels: int = 256 * 28 * 28) -> tuple[int, int]:
     """Target (h, w): multiples of `factor` (= patch · merge), area within [min_pixels, max_pixels], aspect kept.
-
     >>> smart_resize(480, 640, max_pixels=128 * 28 * 28)   # 307,200 px > 100,352: shrink by 1.75
     (252, 364)
     """
@@ -358,8 +336,7 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 12
 
 def load_video(path: str, nframes: int | None = None, fps: float = 2.0, min_frames: int = 4,
                max_frames: int = 16) -> tuple[torch.Tensor, float, list[float]]:
-    """Decode a clip with decord -> (uint8 frames [T, 3, H, W], sampled fps = T / total · video_fps,
-    each sampled frame's time in the clip in seconds = index / video_fps)."""
+    """decord -> (uint8 frames [T, 3, H, W], sampled fps = T / total · video_fps, frame times = index / video_fps)."""
     import decord  # imported here so that `import viss_r1` stays cheap
 
     if not os.path.isfile(path):
@@ -403,15 +380,6 @@ def load_image(path: str) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)[None]  # [1, 3, H, W]
 
 
-def resize_frames(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Bicubic resize with antialias, rounded and clamped back to uint8 range: [T, 3, h, w] -> [T, 3, H, W]."""
-    if frames.shape[-2:] == (height, width):
-        return frames
-    # float in, float out: bicubic overshoots past 0 and 255 at edges, so round and clamp like the HF processor
-    out = F.interpolate(frames.float(), size=(height, width), mode="bicubic", antialias=True, align_corners=False)
-    return out.round().clamp(0, 255).to(torch.uint8)
-
-
 @dataclass(frozen=True)
 class VisionSpec:
     """What the patcher needs to know about one checkpoint's vision tower (read, never hard-coded)."""
@@ -431,10 +399,8 @@ class VisionSpec:
 
 def vision_spec(config, model_dir: str | None = None) -> VisionSpec:
     """VisionSpec from a transformers config (+ preprocessor_config.json in `model_dir` for mean/std)."""
-    vc = config.vision_config
-    mean, std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-    if config.model_type == "qwen3_vl":
-        mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # Qwen3-VL's processor default
+    vc, qwen3 = config.vision_config, config.model_type == "qwen3_vl"  # Qwen3-VL's processor default: 0.5
+    mean, std = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)) if qwen3 else (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
     pp = os.path.join(model_dir, "preprocessor_config.json") if model_dir else None
     if pp and os.path.isfile(pp):
         with open(pp) as f:
@@ -445,19 +411,15 @@ def vision_spec(config, model_dir: str | None = None) -> VisionSpec:
 
 
 def patchify(frames: torch.Tensor, spec: VisionSpec) -> tuple[torch.Tensor, list[int]]:
-    """Normalized frames -> (pixel rows, grid [t, h, w]) in the exact layout of the Qwen2-VL processors.
-
-    frames: uint8 [T, 3, H, W] with H, W multiples of patch·merge (an image is T = 1).
-    [T, 3, H, W] -> [T/tp · H/p · W/p, 3·tp·p·p], rows ordered (t, h-block, w-block, merge-row, merge-col).
-    """
+    """Normalized frames -> (pixel rows, grid [t, h, w]) in the exact layout of the Qwen2-VL processors: uint8
+    [T, 3, H, W] -> [T/tp · H/p · W/p, 3·tp·p·p], rows ordered (t, h-block, w-block, merge-row, merge-col)."""
     p, tp, m = spec.patch_size, spec.temporal_patch_size, spec.merge_size
     T, C, H, W = frames.shape
     if H % (p * m) or W % (p * m):
         raise ValueError(f"frame size {H}x{W} is not a multiple of {p * m}; smart_resize first")
     if T % tp:  # pad the time axis by repeating the last frame (an image becomes tp identical frames)
         frames = torch.cat([frames, frames[-1:].expand(tp - T % tp, -1, -1, -1)])
-    mean = torch.tensor(spec.image_mean).view(1, 3, 1, 1)
-    std = torch.tensor(spec.image_std).view(1, 3, 1, 1)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (spec.image_mean, spec.image_std))
     x = (frames.float() / 255 - mean) / std  # [T', 3, H, W] float: rescale, then normalize (as the HF processor)
     gt, gh, gw = x.shape[0] // tp, H // p, W // p
     x = x.reshape(gt, tp, C, gh // m, m, p, gw // m, m, p)  # split time into (gt, tp), H and W into (blocks, m, p)
@@ -480,8 +442,7 @@ class MediaError(Exception):
 
 
 def load_media(path: str, kind: str, nframes: int | None = None, max_frames: int = 16) -> Media:
-    """Read a row's video or image file into a Media (frames still at the file's resolution).
-    Raises MediaError, naming the file, when it is missing, truncated or undecodable."""
+    """A row's video or image file as a Media (at the file's resolution); MediaError names an unreadable file."""
     try:
         if kind == "video":
             frames, fps, times = load_video(path, nframes=nframes, max_frames=max_frames)
@@ -492,14 +453,17 @@ def load_media(path: str, kind: str, nframes: int | None = None, max_frames: int
 
 
 def fit_media(media: Media, spec: VisionSpec, min_pixels: int, max_pixels: int) -> Media:
-    """Resize every frame to smart_resize's grid (call after the pretext transform: rotation changes H, W).
-    A frame no grid fits (aspect ratio over 200) raises MediaError: the row is skipped like unreadable media."""
+    """Resize every frame to smart_resize's grid (after the pretext transform: rotation changes H, W); MediaError if
+    no grid fits (aspect ratio over 200): the row is skipped like unreadable media."""
     try:
-        h, w = smart_resize(*media.frames.shape[-2:], factor=spec.factor, min_pixels=min_pixels,
-                            max_pixels=max_pixels)
+        h, w = smart_resize(*media.frames.shape[-2:], spec.factor, min_pixels, max_pixels)
     except ValueError as e:
         raise MediaError(f"{media.path or media.kind}: {e}") from None
-    return replace(media, frames=resize_frames(media.frames, h, w))
+    frames = media.frames  # [T, 3, h, w] -> [T, 3, H, W]: bicubic with antialias, float in, float out
+    if frames.shape[-2:] != (h, w):
+        frames = F.interpolate(frames.float(), size=(h, w), mode="bicubic", antialias=True, align_corners=False)
+        frames = frames.round().clamp(0, 255).to(torch.uint8)  # bicubic overshoots 0 and 255 at edges, as in HF's
+    return replace(media, frames=frames)
 
 
 def pixel_bounds(args, kind: str) -> tuple[int, int]:
@@ -526,14 +490,10 @@ def num_vision_tokens(grid: list[int], spec: VisionSpec) -> int:
 
 def prompt_ids(tokenizer, text: str, media: Media | None, spec: VisionSpec | None = None,
                grid: list[int] | None = None, system: str | None = None) -> tuple[list[int], list[int]]:
-    """Token ids of a one-turn chat (media first, then text; an optional system message before it) and their
-    mm_token_type_ids (0 text, 1 image, 2 video).
-
-    The tokenizer's own chat template renders one placeholder per medium; it is expanded here to one pad
-    token per merged patch, as the HF processors do. Qwen3-VL instead splits a video into one block per
-    temporal patch, each preceded by its timestamp "<t seconds>" from the frames' times in the source clip.
-    transformers builds 3-D M-RoPE positions only when mm_token_type_ids comes with the grids: pass both.
-    """
+    """Token ids of a one-turn chat (optional system message, then media, then text) and their mm_token_type_ids
+    (0 text, 1 image, 2 video; transformers builds 3-D M-RoPE positions only when they come with the grids). The
+    template's one placeholder per medium becomes one pad token per merged patch, as the HF processors do; Qwen3-VL
+    splits a video into one block per temporal patch, each preceded by its timestamp "<t seconds>"."""
     content = ([{"type": media.kind}] if media is not None else []) + [{"type": "text", "text": text}]
     chat = [{"role": "system", "content": system}] if system else []  # none by default (SPEC §3)
     chat = tokenizer.apply_chat_template(chat + [{"role": "user", "content": content}], tokenize=False,
@@ -563,7 +523,6 @@ def prompt_ids(tokenizer, text: str, media: Media | None, spec: VisionSpec | Non
     else:
         block, types = [pad] * n, [kind] * n
     return ids[:lo] + block + ids[hi:], [0] * lo + types + [0] * (len(ids) - hi)
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Pretext transforms (SPEC §2): applied after frame sampling, before resizing and patching
@@ -597,11 +556,9 @@ def _swap_tiles(frames: torch.Tensor, a: int, b: int) -> torch.Tensor:
 
 def apply_pretext(frames: torch.Tensor, task: str, option: int) -> torch.Tensor:
     """Transform uint8 frames [T, 3, H, W] (an image: T = 1) by pretext `task` with 0-based `option`.
-
     rotate: option k turns every frame k·90° counter-clockwise (90/270 swap H and W: the canvas expands).
     arrow: option 1 reverses the frame order.  shuffle: swap two of 4 frame groups, PAIRS[option].
-    flip: 1 left-right, 2 top-bottom.  puzzle: swap two of 4 tiles, PAIRS[option].
-    """
+    flip: 1 left-right, 2 top-bottom.  puzzle: swap two of 4 tiles, PAIRS[option]."""
     if task not in NUM_OPTIONS or not 0 <= option < NUM_OPTIONS[task]:
         raise ValueError(f"unknown pretext task/option {task!r}/{option}")
     if task == "rotate":
@@ -617,21 +574,16 @@ def apply_pretext(frames: torch.Tensor, task: str, option: int) -> torch.Tensor:
 
 def invert_pretext(frames: torch.Tensor, task: str, option: int) -> torch.Tensor:
     """The inverse transform ("the restored video"): every task is its own inverse except rotation."""
-    if task == "rotate":
-        return apply_pretext(frames, "rotate", (4 - option) % 4)
-    return apply_pretext(frames, task, option)
+    return apply_pretext(frames, task, (4 - option) % 4 if task == "rotate" else option)
 
 
 def sample_pretext(kind: str, tasks: tuple, rng: random.Random) -> tuple[str, int]:
-    """Draw (task, 0-based option) for one sample: a task uniformly among the enabled tasks of its modality,
-    then an option uniformly, except `arrow`, which reverses with probability 0.55."""
+    """(task, 0-based option): uniform over the modality's enabled tasks, then its options (`arrow` reverses: 0.55)."""
     enabled = [t for t in PRETEXT_TASKS[kind] if t in tasks]
     if not enabled:
         raise ValueError(f"no pretext task enabled for {kind} rows (enabled: {tasks})")
     task = rng.choice(enabled)
-    if task == "arrow":
-        return task, int(rng.random() < ARROW_REVERSE_P)
-    return task, rng.randrange(NUM_OPTIONS[task])
+    return task, (int(rng.random() < ARROW_REVERSE_P) if task == "arrow" else rng.randrange(NUM_OPTIONS[task]))
 
 
 def frames_for_task(media: Media, task: str) -> Media:
@@ -646,7 +598,6 @@ def frames_for_task(media: Media, task: str) -> Media:
 
 def pretext_question(task: str, num_frames: int = 32, templates: dict | None = None) -> str:
     """The transformation question: one sentence stating the task, then its lettered options (one per line).
-
     >>> print(pretext_question("arrow", 16))
     This video may have been played backwards. Is its frame order reversed?
     Options:
@@ -672,18 +623,16 @@ PROMPTS = {
     # the three prompts (SPEC §3); sft_r1 / sft_viss default to r1 / viss (the release adds a system message)
     "r1": "{question}\n{think}\n" + ANSWER_CONTRACT + "\n{type_instruction}",
     "pretext": "{pretext_question}\n{focus}\n{think}\n" + ANSWER_CONTRACT + "\n{type_instruction}",
-    "viss": (
-        "The {media} you see has been transformed. Answer two progressive questions about it:\n"
-        "(1) Transformation Identification: which transformation was applied to the {media}?\n"
-        "(2) User Question: answer the question on the basis of the restored {media}, that is, the {media} "
-        "after undoing the transformation. Think even more deeply for this one.\n{think}\n"
-        "Write your reasoning between <think> </think>, then the letter of the transformation between "
-        "<transform> </transform>, then the answer to the user question between <answer> </answer>, "
-        "exactly like this:\n<think> ... </think>\n<transform> ... </transform>\n<answer> ... </answer>\n"
-        "Rules: reason from the visual input; put only the option letter inside <transform> </transform>; "
-        "{type_instruction}\nTransform question: {pretext_question}\nUser Question: {question}"),
-    "sft_r1": None,
-    "sft_viss": None,
+    "viss": ("The {media} you see has been transformed. Answer two progressive questions about it:\n"
+             "(1) Transformation Identification: which transformation was applied to the {media}?\n"
+             "(2) User Question: answer the question on the basis of the restored {media}, that is, the {media} "
+             "after undoing the transformation. Think even more deeply for this one.\n{think}\n"
+             "Write your reasoning between <think> </think>, then the letter of the transformation between "
+             "<transform> </transform>, then the answer to the user question between <answer> </answer>, "
+             "exactly like this:\n<think> ... </think>\n<transform> ... </transform>\n<answer> ... </answer>\n"
+             "Rules: reason from the visual input; put only the option letter inside <transform> </transform>; "
+             "{type_instruction}\nTransform question: {pretext_question}\nUser Question: {question}"),
+    "sft_r1": None, "sft_viss": None,
     # SSL-CoT annotation (the cold-start data): the teacher sees the transformed media and both true answers
     "annotate": (
         "The {media} you see was transformed by one of the operations in the transform question, and a user asked "
@@ -769,25 +718,18 @@ def load_prompts(path: str = "") -> dict:
     return out
 
 
-def user_question(row: dict) -> str:
-    """The question as shown to the model: multiple choice appends "Options:" and one option per line."""
-    if row["problem_type"] == "multiple choice":
-        return row["problem"] + "Options:\n" + "\n".join(row["options"])
-    return row["problem"]
-
-
 def render_prompt(kind: str, row: dict | None = None, task: str | None = None, num_frames: int = 32,
                   templates: dict | None = None, **extra) -> tuple[str | None, str]:
-    """(system message or None, user text) of prompt `kind` (r1 | pretext | viss | sft_r1 | sft_viss | annotate);
-    `extra` fields: the annotation prompt's true `transform` letter and `answer`."""
+    """(system message or None, user text) of prompt `kind`; `extra`: the annotation's true `transform` and `answer`."""
     t = templates or PROMPTS
     prompt = t[kind] if t.get(kind) is not None else t[kind.removeprefix("sft_")]
     prompt = prompt if isinstance(prompt, dict) else {"user": prompt}
     ptype = row["problem_type"] if row is not None and kind != "pretext" else "multiple choice"
     fields = dict(think=t["think"], type_instruction=t["type_instruction"][ptype], num_frames=num_frames,
                   media=row["data_type"] if row else "video" if num_frames > 1 else "image")
-    if row is not None:
-        fields.update(question=user_question(row), problem=row["problem"], options="\n".join(row.get("options", [])))
+    if row is not None:  # the question as shown: multiple choice appends "Options:" and one option per line
+        mc = "Options:\n" + "\n".join(row["options"]) if row["problem_type"] == "multiple choice" else ""
+        fields.update(question=row["problem"] + mc, problem=row["problem"], options="\n".join(row.get("options", [])))
     if task is not None:
         fields.update(pretext_question=pretext_question(task, num_frames, t), focus=t["focus"][task])
     fields.update(extra)
@@ -816,7 +758,6 @@ LENGTH_RANGE = {"r1": (320, 512), "pretext": (320, 512), "viss": (320, 768)}
 
 def extract_tag(text: str, tag: str = "answer") -> str:
     """Stripped content of the first <tag>...</tag>, or "" if there is none.
-
     >>> extract_tag("<think>x</think><answer> B </answer>")
     'B'
     """
@@ -848,11 +789,6 @@ def word_error_rate(reference: str, hypothesis: str) -> float:
     return prev[-1] / max(1, len(ref))
 
 
-def _rouge_tokens(text: str) -> list[str]:
-    """rouge-score's default tokenizer without stemming: lowercase, non-alphanumerics -> space, split."""
-    return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
-
-
 def _f1(overlap: int, n_pred: int, n_ref: int) -> float:
     p, r = overlap / max(n_pred, 1), overlap / max(n_ref, 1)
     return 2 * p * r / (p + r) if p + r > 0 else 0.0
@@ -860,19 +796,13 @@ def _f1(overlap: int, n_pred: int, n_ref: int) -> float:
 
 def rouge_f(reference: str, prediction: str) -> float:
     """Mean of ROUGE-1, ROUGE-2 and ROUGE-L F-measures (departure 3: no Porter stemmer)."""
-    ref, pred = _rouge_tokens(reference), _rouge_tokens(prediction)
+    # rouge-score's default tokenizer without stemming: lowercase, non-alphanumerics -> space, split
+    ref, pred = (re.sub(r"[^a-z0-9]+", " ", text.lower()).split() for text in (reference, prediction))
     scores = []
     for n in (1, 2):
-        rc: dict = {}
-        for g in zip(*[ref[i:] for i in range(n)]):
-            rc[g] = rc.get(g, 0) + 1
-        pg = list(zip(*[pred[i:] for i in range(n)]))
-        overlap = 0
-        for g in pg:  # clipped n-gram matches
-            if rc.get(g, 0) > 0:
-                rc[g] -= 1
-                overlap += 1
-        scores.append(_f1(overlap, len(pg), max(len(ref) - n + 1, 0)))
+        rc, pc = (Counter(zip(*[x[i:] for i in range(n)])) for x in (ref, pred))  # n-gram counts
+        overlap = sum((rc & pc).values())  # clipped n-gram matches
+        scores.append(_f1(overlap, max(len(pred) - n + 1, 0), max(len(ref) - n + 1, 0)))
     lcs = [[0] * (len(pred) + 1) for _ in range(len(ref) + 1)]  # longest common subsequence for ROUGE-L
     for i, r in enumerate(ref):
         for j, p in enumerate(pred):
@@ -897,9 +827,7 @@ def accuracy_reward(completion: str, solution: str, problem_type: str) -> float:
         return min(1.0, max(0.0, rouge_f(gt, pred)))
     if problem_type == "regression":
         g, p = _to_float(gt), _to_float(pred)
-        if g is None or p is None:
-            return 0.0
-        return 1.0 - min(1.0, (abs(p - g) + 1e-9) / (abs(g) + 1e-9))
+        return 0.0 if g is None or p is None else 1.0 - min(1.0, (abs(p - g) + 1e-9) / (abs(g) + 1e-9))
     return 0.0
 
 
@@ -911,7 +839,6 @@ def transform_reward(completion: str, gt_letter: str) -> float:
 def length_bonus(accuracies: list[float], lengths: list[int], low: int, high: int) -> list[float]:
     """+0.2 for each completion of one group with accuracy > 0.1 and low <= length <= high tokens, but only
     when more than one completion of the group is accurate (rewarding long answers only among good ones).
-
     >>> length_bonus([1, 1, 0], [400, 100, 400], 320, 512)
     [0.2, 0.0, 0.0]
     """
@@ -922,21 +849,17 @@ def length_bonus(accuracies: list[float], lengths: list[int], low: int, high: in
 
 
 def temporal_bonus(acc_ordered: list[float], acc_shuffled: list[float]) -> list[float]:
-    """T-GRPO: +0.3 for each accurate (> 0.1) completion on ordered frames when the group's mean accuracy on
-    ordered frames is at least 0.8x its mean accuracy on randomly permuted frames."""
-    mean_o = sum(acc_ordered) / len(acc_ordered)
-    mean_s = sum(acc_shuffled) / max(1, len(acc_shuffled))
+    """T-GRPO: +0.3 per accurate (> 0.1) completion if mean accuracy on ordered frames >= 0.8x on permuted ones."""
+    mean_o, mean_s = sum(acc_ordered) / len(acc_ordered), sum(acc_shuffled) / max(1, len(acc_shuffled))
     if mean_o < 0.8 * mean_s:
         return [0.0] * len(acc_ordered)
     return [0.3 if a > 0.1 else 0.0 for a in acc_ordered]
 
 
 def mean_relative_accuracy(pred, gt) -> float:
-    """VSI-Bench's regression score (SPEC §8): mean over θ in {0.50, ..., 0.95} of 1[|pred - gt| / (|gt| + 1e-8) < 1 - θ],
-    computed as the release's evaluation does, in float32 tensors (the paper's VSI-Bench figures come from it):
-    the 1e-8 vanishes in float32 and an error of exactly 1 - θ falls outside bin θ (gt 10: 12 scores 0.6, 15
-    scores 0). The result is the float32 mean, as the release's `.item()` returns it.
-
+    """VSI-Bench's regression score (SPEC §8): mean over θ in {0.50, ..., 0.95} of 1[|pred - gt| / (|gt| + 1e-8) <
+    1 - θ], in float32 tensors as the release's evaluation (the paper's figures): the 1e-8 vanishes and an error of
+    exactly 1 - θ falls outside bin θ (gt 10: 12 scores 0.6, 15 scores 0); the float32 mean, as its `.item()`.
     pred, gt: numbers or strings ("1,000" reads 1000); unparseable -> 0.
     >>> round(mean_relative_accuracy("10.7", 10), 6)   # 7% off: within every tolerance but 5%
     0.9
@@ -953,12 +876,9 @@ def mean_relative_accuracy(pred, gt) -> float:
 def group_rewards(completions: list[str], lengths: list[int], solution: str, problem_type: str,
                   mode: str = "r1", gt_letter: str | None = None, use_length_bonus: bool = True,
                   acc_shuffled: list[float] | None = None) -> tuple[list[float], dict[str, list[float]]]:
-    """All rewards of one group of completions -> (totals, {component: values}); total = plain sum.
-
-    mode "r1": accuracy + format;  "pretext": the pretext letter is the solution (multiple choice);
-    "viss": accuracy + 0.5·transform + 3-tag format.  Length bonus on by default, T-GRPO bonus when
-    `acc_shuffled` (accuracies of the completions on permuted frames) is given.
-    """
+    """All rewards of one group of completions -> (totals, {component: values}); total = plain sum. mode "r1":
+    accuracy + format; "pretext": the pretext letter is the solution; "viss": accuracy + 0.5·transform + 3-tag
+    format. Length bonus by default; T-GRPO bonus given `acc_shuffled` (accuracies on permuted frames)."""
     parts = {"accuracy": [accuracy_reward(c, solution, problem_type) for c in completions],
              "format": [format_reward(c, with_transform=mode == "viss") for c in completions]}
     if mode == "viss":
@@ -967,9 +887,7 @@ def group_rewards(completions: list[str], lengths: list[int], solution: str, pro
         parts["length"] = length_bonus(parts["accuracy"], lengths, *LENGTH_RANGE[mode])
     if acc_shuffled is not None:
         parts["temporal"] = temporal_bonus(parts["accuracy"], acc_shuffled)
-    totals = [sum(vals) for vals in zip(*parts.values())]
-    return totals, parts
-
+    return [sum(vals) for vals in zip(*parts.values())], parts
 
 # ---------------------------------------------------------------------------------------------------------
 # GRPO math (SPEC §5): advantages, memory-safe token log-probs, clipped loss with k3 KL
@@ -977,7 +895,6 @@ def group_rewards(completions: list[str], lengths: list[int], solution: str, pro
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
     """A_i = (R_i - mean(group)) / (std + 1e-4), groups of `group_size` contiguous completions.
-
     scale: "group" (std of each group, Bessel-corrected: the paper), "batch" (one std over all rewards),
     "none" (centred only). A group whose rewards are all equal gets advantages of exactly 0.
     >>> group_advantages(torch.tensor([1., 0., 0., 0.]), 4)
@@ -1009,21 +926,15 @@ def _chunk_logp(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
                    chunk_size: int = 1024, bias: torch.Tensor | None = None) -> torch.Tensor:
     """log softmax(h·Wᵀ / τ + bias)[target] for each position, never holding [N, vocab] float32 logits at once.
-
     hidden [..., D] (the states that predict `targets`), weight [V, D] (lm_head), targets [...] -> float32 [...];
-    bias [V] (optional) is -inf on tokens the policy may not emit (vision placeholders), 0 elsewhere.
-    Each chunk is recomputed during backward (activation checkpointing), so backward also peaks at one chunk:
-    with Qwen's 151,936-token vocabulary, full float32 logits for 8 x 768 completion tokens are 3.7 GB.
-    """
+    bias [V] (optional): -inf on tokens the policy may not emit. Each chunk is recomputed in backward, so backward
+    also peaks at one chunk (full float32 logits of 8 x 768 tokens at Qwen's 151,936-token vocabulary: 3.7 GB)."""
     shape, h, t = targets.shape, hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    out = []
-    for i in range(0, t.numel(), chunk_size):
-        args = (h[i:i + chunk_size], weight, t[i:i + chunk_size], temperature, bias)
-        if grad:
-            out.append(torch.utils.checkpoint.checkpoint(_chunk_logp, *args, use_reentrant=False))
-        else:
-            out.append(_chunk_logp(*args))
+    chunk = functools.partial(torch.utils.checkpoint.checkpoint, _chunk_logp, use_reentrant=False) if grad \
+        else _chunk_logp
+    out = [chunk(h[i:i + chunk_size], weight, t[i:i + chunk_size], temperature, bias)
+           for i in range(0, t.numel(), chunk_size)]
     return torch.cat(out).view(shape) if out else hidden.new_zeros(shape, dtype=torch.float32)
 
 
@@ -1035,19 +946,14 @@ def completion_mask(completion_ids: torch.Tensor, eos_id: int | list[int]) -> to
 
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-              ref_logp: torch.Tensor | None = None, beta: float = 0.0, eps_low: float = 0.2,
-              eps_high: float = 0.2, loss_type: str = "grpo",
-              max_completion_length: int | None = None) -> tuple[torch.Tensor, dict]:
+              ref_logp: torch.Tensor | None = None, beta: float = 0.0, eps_low: float = 0.2, eps_high: float = 0.2,
+              loss_type: str = "grpo", max_completion_length: int | None = None) -> tuple[torch.Tensor, dict]:
     """Clipped GRPO surrogate with an optional k3 KL penalty, per-token tensors [B, L], advantages [B].
-
     l_t = -min(r_t·A, clip(r_t, 1-eps_low, 1+eps_high)·A) + beta·(exp(x) - x - 1),  r_t = exp(logp - old_logp),
     x = ref_logp - logp (clamped to [-10, 10] as in the release; only extreme mismatches reach the clamp).
-    Aggregation (TRL's names): grpo = mean over sequences of the per-sequence token mean (the paper);
-    bnpo = token mean over the batch; dr_grpo = sum / (B · max_completion_length);
-    dapo = sum / (completion tokens summed over all ranks / world size).
-    """
-    ratio = torch.exp(logp - old_logp)
-    A = advantages[:, None]
+    Aggregation (TRL's names): grpo = mean over sequences of the per-sequence token mean (the paper); bnpo = token
+    mean over the batch; dr_grpo = sum / (B · max_completion_length); dapo = sum / (all ranks' tokens / world)."""
+    ratio, A = torch.exp(logp - old_logp), advantages[:, None]
     per_token = -torch.min(ratio * A, ratio.clamp(1 - eps_low, 1 + eps_high) * A)
     kl = None
     if beta > 0:
@@ -1064,8 +970,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     elif loss_type == "dr_grpo":
         loss = (per_token * m).sum() / (m.shape[0] * (max_completion_length or m.shape[1]))
     elif loss_type == "dapo":
-        tokens = m.sum().detach()
-        world = 1
+        tokens, world = m.sum().detach(), 1
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             world = torch.distributed.get_world_size()
             torch.distributed.all_reduce(tokens)  # global token count, so every rank divides by the same
@@ -1074,8 +979,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
         raise ValueError(f"loss_type must be grpo, bnpo, dr_grpo or dapo, got {loss_type!r}")
     with torch.no_grad():  # logging only
         n = m.sum().clamp(min=1)
-        low = ((ratio < 1 - eps_low) & (A < 0)).float()
-        high = ((ratio > 1 + eps_high) & (A > 0)).float()
+        low, high = ((ratio < 1 - eps_low) & (A < 0)).float(), ((ratio > 1 + eps_high) & (A > 0)).float()
         stats = {"clip_ratio/low_mean": ((low * m).sum() / n).item(),
                  "clip_ratio/high_mean": ((high * m).sum() / n).item(),
                  "clip_ratio/region_mean": (((low + high) * m).sum() / n).item(),
@@ -1103,8 +1007,7 @@ def validate_row(row, index: int, source: str) -> None:
 
     if not isinstance(row, dict):
         bad(f"expected a JSON object, got {type(row).__name__}")
-    missing = [k for k in REQUIRED_FIELDS if k not in row]
-    if missing:
+    if missing := [k for k in REQUIRED_FIELDS if k not in row]:
         bad(f"missing field(s) {', '.join(missing)}")
     if row["data_type"] not in ("image", "video"):
         bad(f"data_type must be 'image' or 'video', got {row['data_type']!r}")
@@ -1122,8 +1025,7 @@ def validate_row(row, index: int, source: str) -> None:
             if not m:
                 bad(f"option {o!r} does not start with a letter and a dot (\"A. ...\")")
             letters.append(m.group(1))
-        answer = extract_tag(row["solution"])
-        if answer not in letters:
+        if (answer := extract_tag(row["solution"])) not in letters:
             bad(f"solution letter {answer!r} is not one of the option letters {letters}")
     if "trans_opt" in row:  # ViSS SFT rows replay a stored transform
         task, ans = row["trans_opt"], row.get("trans_ans", "")
@@ -1186,8 +1088,7 @@ class Sample:
 
 
 def make_sample(row: dict, args: Args, spec: VisionSpec, tokenizer, rng: random.Random) -> Sample:
-    """Load a row's media and build everything one rollout needs. Raises MediaError on unreadable media or a clip
-    too short for every enabled task (callers skip and count the row)."""
+    """Everything one rollout needs from a row; MediaError (callers skip and count it): unreadable or too few frames."""
     mode, kind = STAGES[args.stage]["prompt"], row["data_type"]
     path = resolve_path(row["path"], args.media_root)
     replay = row if mode == "sft" else {}  # an SSL-CoT row stores the frame count and size its teacher saw
@@ -1229,8 +1130,7 @@ def make_sample(row: dict, args: Args, spec: VisionSpec, tokenizer, rng: random.
 
 
 class RowStream:
-    """Rows in a seeded random order, epoch after epoch; this rank takes every world-th position. The state is
-    one integer (`cursor`), so a resumed run sees exactly the rows an uninterrupted run would."""
+    """Rows in seeded order, epoch after epoch, every world-th to this rank; one int (`cursor`) of state resumes it."""
 
     def __init__(self, rows: list[dict], seed: int, rank: int = 0, world: int = 1, cursor: int = 0):
         self.rows, self.seed, self.rank, self.world, self.cursor = rows, seed, rank, world, cursor
@@ -1246,22 +1146,19 @@ class RowStream:
         self.cursor += 1
         return pos, self.order[i], self.rows[self.order[i]]
 
-
 # ---------------------------------------------------------------------------------------------------------
 # Rollout: shared-prefix group sampling and scoring log-probs
 # ---------------------------------------------------------------------------------------------------------
 
 class Policy(torch.nn.Module):
-    """The VLM behind a single forward(), so that under FSDP2 every call runs the root module's hooks (they
-    gather the embeddings, lm_head and final norm) and the decoder layers' own. A sampler step (no `completion`)
-    returns float32 logits of the last position and the KV cache; a scoring call the completion's token log-probs."""
+    """The VLM behind one forward(), so that FSDP2's root and layer hooks run on every call: a sampler step (no
+    `completion`) returns float32 last-position logits and the KV cache, a scoring call the token log-probs."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model  # a *ForConditionalGeneration
         from transformers import AttentionInterface, AttentionMaskInterface, masking_utils
-        # the language model attends with prefix_attention (sdpa with sdpa's masks unless a call packs a group);
-        # the vision tower keeps its own sdpa
+        # the language model attends with prefix_attention (sdpa unless a call packs a group); the vision tower: sdpa
         AttentionInterface.register("prefix_sdpa", prefix_attention)
         AttentionMaskInterface.register("prefix_sdpa", masking_utils.sdpa_mask)
         model.config.get_text_config()._attn_implementation = "prefix_sdpa"
@@ -1288,8 +1185,7 @@ class Policy(torch.nn.Module):
         return logp.clone()  # not a view: FSDP2 hooks the output for backward, and views lose the hook
 
     def encode_once(self, inputs: dict, rows: int) -> dict:
-        """Replace the pixel inputs of ONE image/clip by its vision features repeated for `rows` sequences
-        (the backward pass sums the rows' gradients into the one encoding, as G copies would)."""
+        """Replace ONE image/clip's pixel inputs by its vision features repeated `rows` times (backward sums them)."""
         vlm, out = self.model.model, {}
         for kind, pixels, grid in (("image", "pixel_values", "image_grid_thw"),
                                    ("video", "pixel_values_videos", "video_grid_thw")):
@@ -1308,13 +1204,11 @@ class Policy(torch.nn.Module):
 
 def prefix_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, shared_prefix=None,
                      **kwargs):
-    """The language model's attention ("prefix_sdpa"): transformers' sdpa, except on a packed group.
-    shared_prefix = (P, G): the sequence is [prompt (P); c_1 (C); ...; c_G (C)] and each completion sees the
-    prompt and itself only, as in its own row [prompt; c_g]. Split (PrefixGrouper): the prompt attends to itself
-    causally (P²/2 query-key pairs); the completions, as a batch [G, H, C, d], attend to [the prompt's keys; their
-    own] through a [C, P + C] mask (G·C·(P + C/2)). G rows cost G·(P + C)²/2, a dense mask (P + G·C)²/2. The
-    prompt's keys and values are copied G times (38 MB a layer at 7B, bf16, G 8, P 2,350; one layer at a time
-    under checkpointing). query [1, H, L, d], key/value [1, kv, L, d] (rotated), L = P + G·C -> [1, L, H, d]."""
+    """The language model's attention ("prefix_sdpa"): transformers' sdpa, except on a packed group. shared_prefix =
+    (P, G): the sequence is [prompt (P); c_1 (C); ...; c_G (C)], each completion sees the prompt and itself only.
+    Split (PrefixGrouper): the prompt attends to itself causally (P²/2 query-key pairs), the completions as a batch
+    [G, H, C, d] to [the prompt's keys (copied G times); their own] through a [C, P + C] mask (G·C·(P + C/2); G rows
+    cost G·(P + C)²/2). query [1, H, L, d], key/value [1, kv, L, d] (rotated), L = P + G·C -> [1, L, H, d]."""
     if shared_prefix is None:  # sampling, the per-row path: transformers' sdpa
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
@@ -1335,13 +1229,11 @@ def prefix_attention(module, query, key, value, attention_mask, dropout=0.0, sca
 
 def mrope_positions(config, input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor, image_grid_thw=None,
                     video_grid_thw=None, second_per_grid_ts=None, attention_mask=None, **_) -> tuple:
-    """3-D M-RoPE positions [3, B, L] and rope delta [B, 1] by the rule the Qwen-VL models were pretrained with
-    (get_rope_index's signature). Text advances by 1 on all three axes. A vision block of (t, h, w) merged tokens
-    starting at s puts token (i, j, k) at (s + T(i), s + j, s + k); the text after it starts ONE PAST ITS LARGEST
-    POSITION ON ANY AXIS (transformers 5.x: at s + max(h, w), inside a video's time axis). T(i) = i (Qwen2-VL),
-    floor(i · second_per_grid · tokens_per_second) (Qwen2.5-VL video, float64), 0 (image); a Qwen3-VL video is a
-    block [1, h, w] per temporal patch. Masked (left padding) tokens get 0; the n-th unmasked token of a text run
-    after the last block sits at n + delta."""
+    """3-D M-RoPE positions [3, B, L] and rope delta [B, 1] by the Qwen-VL models' pretraining rule (get_rope_index's
+    signature). Text advances by 1 on all three axes; a vision block of (t, h, w) merged tokens starting at s puts
+    token (i, j, k) at (s + T(i), s + j, s + k), and the text after it starts ONE PAST ITS LARGEST POSITION ON ANY
+    AXIS (5.x: s + max(h, w)). T(i) = i (Qwen2-VL), floor(i · second_per_grid · tokens_per_second) (Qwen2.5-VL video,
+    float64), 0 (image); a Qwen3-VL video is a block [1, h, w] per temporal patch. Masked (left padding) tokens: 0."""
     merge, kind = config.vision_config.spatial_merge_size, config.model_type
     tps = getattr(config.vision_config, "tokens_per_second", 1)
     videos = [] if video_grid_thw is None else video_grid_thw.tolist()
@@ -1374,8 +1266,7 @@ def mrope_positions(config, input_ids: torch.Tensor, mm_token_type_ids: torch.Te
 
 
 def use_pretrained_positions(model) -> None:
-    """A Qwen-VL model computes positions with mrope_positions wherever transformers does (forward's and generate's
-    prefill, the rope delta of generate's decode steps); a warning says when transformers' own rule agrees."""
+    """Make a Qwen-VL model compute positions with mrope_positions everywhere; warn when transformers' rule agrees."""
     vlm, m = model.model, model.config.vision_config.spatial_merge_size
     ids, types, grid = torch.zeros(1, 6, dtype=torch.long), torch.tensor([[0, 2, 2, 2, 2, 0]]), torch.tensor([[4, m, m]])
     if model.config.model_type != "qwen3_vl" and torch.equal(  # (Qwen3-VL's agrees already)
@@ -1394,8 +1285,7 @@ def rope_positions(model, ids: torch.Tensor, types: torch.Tensor, vis: dict) -> 
 
 
 def vocab_bias(model, spec: VisionSpec, device) -> torch.Tensor:
-    """0 everywhere, -inf on the vision placeholder and start/end tokens: a random or young policy can sample
-    them, and a completion holding one would break the next forward. Sampling and scoring both use it."""
+    """0 everywhere, -inf on vision placeholder and start/end tokens: one in a completion breaks the next forward."""
     cfg = model.config
     bias = torch.zeros(cfg.get_text_config().vocab_size, device=device)
     for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
@@ -1413,11 +1303,9 @@ def decoding_ids(model, tokenizer) -> tuple[list[int], int]:
 
 
 def _sample_token(logp: torch.Tensor, top_p: float, generator, tries: int = 4) -> torch.Tensor:
-    """Nucleus sampling from log-probs [G, V] -> [G]: token i is kept iff the tokens more likely than i hold at
-    most top_p, and p is renormalised on that set. No sort and no [G, V] random numbers (at V 151,936 on 2 CPU
-    cores a sort costs ~50 ms and torch.multinomial ~25 ms a step): draw by inverse CDF, one uniform per row, keep
-    the draw if it is in the nucleus, else draw again; an accepted draw follows p on the nucleus exactly. A round
-    accepts with probability >= top_p; rows rejected `tries` times (a tiny top_p, a flat p) take the sort."""
+    """Nucleus sampling from log-probs [G, V] -> [G]: token i is kept iff the tokens more likely than i hold at most
+    top_p. No sort (~50 ms a step at V 151,936 on 2 CPU cores): one inverse-CDF draw per row, kept if in the nucleus
+    (then it follows p there exactly), else drawn again; rows rejected `tries` times (tiny top_p) take the sort."""
     probs = logp.exp()
     G, V = probs.shape
     cdf = probs.double().cumsum(-1)  # float64: 151,936 float32 additions would round
@@ -1440,9 +1328,8 @@ def _sample_token(logp: torch.Tensor, top_p: float, generator, tries: int = 4) -
 def sample_group(policy: Policy, sample: Sample, G: int, max_new_tokens: int, temperature: float, top_p: float,
                  eos_ids: list[int], pad_id: int, bias: torch.Tensor, generator=None, greedy: bool = False,
                  vis: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """G completions of one prompt -> (token ids [G, C] padded with pad_id after EOS, sampling log-probs [G, C]
-    = log_softmax(logits / τ) at the sampled tokens). The vision tower and the prompt prefill run ONCE, then the
-    KV cache is repeated G times (the release's generate(num_return_sequences=G) prefills the prompt G times)."""
+    """G completions of one prompt -> (ids [G, C], pad_id after EOS; sampling log-probs [G, C] = log_softmax(logits
+    / τ) at the sampled tokens). Vision tower and prompt prefill run ONCE, then the KV cache is repeated G times."""
     device = bias.device
     vis = {k: v.to(device) for k, v in (vis or sample.vis).items()}
     ids, types = torch.tensor([sample.ids], device=device), torch.tensor([sample.types], device=device)  # [1, P]
@@ -1450,9 +1337,8 @@ def sample_group(policy: Policy, sample: Sample, G: int, max_new_tokens: int, te
     logits, cache = policy(input_ids=ids, position_ids=pos, mm_token_type_ids=types, use_cache=True, **vis)
     cache.batch_repeat_interleave(G)  # [1, kv_heads, P, d] -> [G, kv_heads, P, d]: the shared prefix, per layer
     logits = logits.expand(G, -1)  # [G, V]: every row starts from the prompt's next-token distribution
-    eos = torch.tensor(eos_ids, device=device)
-    done = torch.zeros(G, dtype=torch.bool, device=device)
-    tokens, logps = [], []
+    eos, done = torch.tensor(eos_ids, device=device), torch.zeros(G, dtype=torch.bool, device=device)
+    tokens, logps = [], []  # [G] per step
     for t in range(max_new_tokens):
         logp = torch.log_softmax(logits / temperature + bias, -1)
         nxt = (logits + bias).argmax(-1) if greedy else _sample_token(logp, top_p, generator)
@@ -1471,16 +1357,13 @@ def sample_group(policy: Policy, sample: Sample, G: int, max_new_tokens: int, te
 def sequence_logprobs(policy: Policy, sample: Sample, completion: torch.Tensor, temperature: float,
                       bias: torch.Tensor | None, shared: bool = True) -> torch.Tensor:
     """Scoring forward: log-probs [G, C] of `completion` [G, C] after the prompt, with the vision inputs,
-    second_per_grid_ts and 3-D positions the sampler used (the Video-R1 trainer dropped second_per_grid_ts here:
-    its scores came from other positions than its samples); the vision tower runs once for the G rows.
-    shared: ONE sequence [prompt; c_1; ...; c_G] (prefix_attention), P + G·C tokens instead of G·(P + C); backward
-    sums the G completions' gradients into the one prompt computation (the gradient of G copies). Padding after
-    EOS attends causally: it changes no kept token's log-prob."""
-    device = completion.device
-    G, C = completion.shape
+    second_per_grid_ts and 3-D positions the sampler used; the vision tower runs once for the G rows. shared: ONE
+    sequence [prompt; c_1; ...; c_G] (prefix_attention), P + G·C tokens instead of G·(P + C). Padding after EOS
+    attends causally: it changes no kept token's log-prob."""
+    device, (G, C) = completion.device, completion.shape
+    vis = {k: v.to(device) for k, v in sample.vis.items()}
     if shared and G > 1 and 4 * len(sample.ids) >= C:  # below P = C / 4, no faster than G rows (README)
         ids, types = torch.tensor([sample.ids], device=device), torch.tensor([sample.types], device=device)  # [1, P]
-        vis = {k: v.to(device) for k, v in sample.vis.items()}
         pos, delta = rope_positions(policy.model, ids, types, vis)  # [3, 1, P], [1, 1]
         P = ids.shape[1]  # completion token t is text at position P + t + delta on all three axes, as sampled
         text = (P + delta.view(1) + torch.arange(C, device=device)).repeat(G).view(1, 1, -1).expand(3, 1, -1)
@@ -1488,11 +1371,9 @@ def sequence_logprobs(policy: Policy, sample: Sample, completion: torch.Tensor, 
                       position_ids=torch.cat([pos, text], 2), mm_token_type_ids=F.pad(types, (0, G * C)), **vis)
     ids = torch.cat([torch.tensor([sample.ids], device=device).expand(G, -1), completion], 1)  # [G, P + C]
     types = torch.tensor([sample.types + [0] * C], device=device)
-    vis = {k: v.to(device) for k, v in sample.vis.items()}
     pos, _ = rope_positions(policy.model, ids[:1], types, vis)  # identical for every row: completions are text
     return policy(completion, temperature, bias, rows=G, input_ids=ids, position_ids=pos.expand(3, G, -1),
                   mm_token_type_ids=types.expand(G, -1), **vis)
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Checkpoints: a plain HF directory per save + sharded optimizer state + meta, written to a temp dir, renamed
@@ -1508,23 +1389,19 @@ TRAJECTORY = ("stage", "model", "seed", "num_generations", "per_device_prompts",
 
 
 class Preemption:
-    """SIGTERM, or SIGUSR1 (what clusters send ahead of a time limit; torchrun's agent forwards it with
-    --signals_to_handle), only records the signal: train() agrees on it with every rank in the step's gather,
-    saves that step and stops (Preempted). A second signal exits at once. Installed by main() (main thread)."""
+    """SIGTERM or SIGUSR1 (sent ahead of a time limit; torchrun forwards it with --signals_to_handle) is recorded
+    only: train() agrees on it in the step's gather, saves that step and stops (Preempted); a second exits at once."""
 
     def __init__(self):
-        import signal
         self.signal, self.old = None, {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGUSR1)}
 
     def handle(self, sig, frame):
-        import signal
         if self.signal:
             os._exit(128 + sig)
         self.signal = signal.Signals(sig).name
         print(f"rank {os.environ.get('RANK', 0)}: {self.signal}: finishing the step, then saving it", flush=True)
 
     def restore(self):
-        import signal
         for s, handler in self.old.items():
             signal.signal(s, handler)
 
@@ -1552,9 +1429,7 @@ def resume_changes(meta: dict, args: Args, identity: dict) -> list[str]:
 
 def latest_checkpoint(out: str) -> str | None:
     """The newest complete `out/step-NNNNNN` (a crash mid-save leaves only a `.tmp-` directory behind)."""
-    if not os.path.isdir(out):
-        return None
-    done = sorted(d for d in os.listdir(out) if re.fullmatch(r"step-\d{6}", d)
+    done = sorted(d for d in (os.listdir(out) if os.path.isdir(out) else []) if re.fullmatch(r"step-\d{6}", d)
                   and os.path.isfile(os.path.join(out, d, "meta.json")))
     return os.path.join(out, done[-1]) if done else None
 
@@ -1574,10 +1449,7 @@ def save_hf(path: str, model, tokenizer, processor, spec: VisionSpec, state_dict
 
 def save_checkpoint(args: Args, step: int, policy, tokenizer, processor, spec, optimizer, scheduler, meta: dict,
                     rank: int, world: int) -> None:
-    """Called on every rank. Rank 0 writes the consolidated HF model (gathered from all shards); every rank
-    writes its own optimizer shard with torch.distributed.checkpoint. The temp dir becomes step-NNNNNN last."""
-    import shutil
-
+    """On every rank: rank 0 writes the full HF model, each rank its optimizer shard; the temp dir becomes step-N."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
     tmp, dst = os.path.join(args.out, f".tmp-step-{step:06d}"), os.path.join(args.out, f"step-{step:06d}")
@@ -1610,9 +1482,7 @@ def final_is_complete(out: str, ckpt: str) -> bool:
 
 
 def publish_final(out: str, ckpt: str) -> None:
-    """Copy the last checkpoint's HF files into --out itself, each written beside and renamed, meta.json last:
-    a kill part-way leaves no meta.json there, and the next start (--resume) copies again."""
-    import shutil
+    """Copy the last checkpoint's HF files into --out, each written beside and renamed, meta.json last (marks done)."""
     if os.path.exists(os.path.join(out, "meta.json")):
         os.remove(os.path.join(out, "meta.json"))
     names = sorted(n for n in os.listdir(ckpt) if os.path.isfile(os.path.join(ckpt, n)) and n != "scheduler.pt")
@@ -1630,14 +1500,12 @@ def load_optimizer(path: str, policy, optimizer) -> None:
         dcp.load(state, checkpoint_id=os.path.join(path, "optimizer"), no_dist=not torch.distributed.is_initialized())
     set_optimizer_state_dict(policy, optimizer, state["optimizer"])
 
-
 # ---------------------------------------------------------------------------------------------------------
 # Training loop: sample prompts -> transform -> rollout -> reward -> advantages -> log-probs -> step -> log
 # ---------------------------------------------------------------------------------------------------------
 
 def make_policy(model, args: Args, device, world: int, trainable: bool = True) -> Policy:
-    """Checkpointing (trainable models), the Policy wrapper, FSDP2 shards under torchrun (else the device), frozen
-    for a reference. dry_run.py builds the same policy from a config on fake tensors."""
+    """Checkpointing (trainable), the Policy wrapper, FSDP2 under torchrun (else `device`), frozen for a reference."""
     if args.gradient_checkpointing and trainable:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = Policy(model)
@@ -1651,11 +1519,8 @@ def make_policy(model, args: Args, device, world: int, trainable: bool = True) -
 
 
 def load_sharded(path: str, dtype: torch.dtype, wrap, device: torch.device):
-    """`wrap(model)` (which shards it with FSDP2) of the checkpoint at `path`, read ONCE for all ranks: every rank
-    builds the model on the meta device (no memory), wraps and shards it, and allocates only its own shards;
-    rank 0 alone reads the checkpoint (from_pretrained: transformers' own key mapping) and broadcasts it tensor
-    by tensor, each rank keeping its slice (set_model_state_dict's broadcast_from_rank0). Buffers that are not in
-    a checkpoint (rotary frequencies) come from rank 0's copy too: exactly what from_pretrained makes."""
+    """`wrap(model)` (FSDP2) of the checkpoint at `path`, read ONCE: every rank builds it on the meta device and
+    allocates only its own shards; rank 0 alone reads it (from_pretrained) and broadcasts it tensor by tensor."""
     from torch.distributed.tensor import distribute_tensor
     from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
     with torch.device("meta"):
@@ -1679,8 +1544,7 @@ def load_sharded(path: str, dtype: torch.dtype, wrap, device: torch.device):
 
 
 def load_whole(path: str, dtype: torch.dtype, device: torch.device):
-    """A model for one device, read in its own dtype (no float32 copy staged on the way to a bf16 model); with the
-    optional accelerate package installed, transformers writes it straight to the GPU (device_map)."""
+    """A model for one device in its own dtype (no float32 copy on the way); with accelerate, straight to the GPU."""
     import importlib.util
     from transformers import AutoModelForImageTextToText
     direct = device.type == "cuda" and importlib.util.find_spec("accelerate") is not None
@@ -1692,23 +1556,21 @@ def load_model(path: str, args: Args, device, world: int, trainable: bool = True
     """A Policy on `device` (sharded with FSDP2 under torchrun), plus tokenizer, processor and VisionSpec."""
     from transformers import AutoTokenizer
     build = lambda model: make_policy(model, args, device, world, trainable)  # noqa: E731
-    sharded = torch.distributed.is_initialized()  # read once by rank 0 whatever the number of ranks
-    policy = load_sharded(path, torch.float32, build, device) if sharded else build(load_whole(path, torch.float32,
-                                                                                             device))
-    model = policy.model
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    processor = None
+    if torch.distributed.is_initialized():  # read once by rank 0 whatever the number of ranks
+        policy = load_sharded(path, torch.float32, build, device)
+    else:
+        policy = build(load_whole(path, torch.float32, device))
+    tokenizer, processor = AutoTokenizer.from_pretrained(path), None
     try:  # the processor classes need torchvision; without it save_hf writes the preprocessor fields itself
         from transformers import AutoProcessor
         processor = AutoProcessor.from_pretrained(path)
     except (ImportError, OSError, ValueError):
         pass
-    return policy, tokenizer, processor, vision_spec(model.config, path if os.path.isdir(path) else None)
+    return policy, tokenizer, processor, vision_spec(policy.model.config, path if os.path.isdir(path) else None)
 
 
 def next_samples(stream: RowStream, n: int, args, spec, tokenizer, counters: dict, bad_names: set) -> list:
-    """The next n usable samples; unreadable media is skipped, counted, named once, and stops the run if more
-    than --max_bad_media of the rows tried so far were bad."""
+    """The next n usable samples; unreadable media is skipped, counted, named once, past --max_bad_media stops all."""
     out = []
     while len(out) < n:
         pos, idx, row = stream.next()
@@ -1734,8 +1596,7 @@ def pad_right(seqs: list[torch.Tensor], value) -> torch.Tensor:
 
 
 def rollout(policy, samples: list, args: Args, tokenizer, eos_ids: list[int], pad_id: int, bias) -> dict:
-    """G completions per prompt, decoded and rewarded. Each prompt's sampling is seeded by its position in the
-    row stream, so the completions are the same on any number of ranks and after a resume."""
+    """G completions per prompt, decoded and rewarded; each prompt's sampling is seeded by its stream position."""
     G, out = args.num_generations, {"comps": [], "rewards": [], "parts": {}, "texts": []}
     for s in samples:
         gen = torch.Generator(bias.device).manual_seed(args.seed * 1_000_003 + s.pos)
@@ -1760,8 +1621,7 @@ def rollout(policy, samples: list, args: Args, tokenizer, eos_ids: list[int], pa
 
 
 def lr_factor(update: int, args: Args) -> float:
-    """--learning_rate's multiplier at optimizer update `update`: linear warmup over --warmup_steps updates, then
-    cosine to zero at the last update (max_steps · num_iterations), or constant."""
+    """--learning_rate's factor at update `update`: linear warmup (--warmup_steps), then cosine to 0 or constant."""
     total = max(1, args.max_steps * args.num_iterations)
     if update < args.warmup_steps:
         return (update + 1) / args.warmup_steps
@@ -1775,16 +1635,12 @@ def make_scheduler(optimizer, args: Args):
 
 
 def train(args: Args, preemption: Preemption | None = None) -> dict:
-    """One stage of training as configured by `args`; returns the last step's metrics (rank 0). `preemption`
-    (main() installs one): a signal it recorded saves the step it arrived in, then every rank stops."""
-    import time
+    """One stage of training -> the last step's metrics (rank 0); a signal `preemption` caught saves its step, stops."""
     from tqdm import tqdm
-
     args = fill_defaults(args)
     rank, world, device = setup_distributed()
     torch.manual_seed(args.seed + rank)
-    rows = load_rows(args.data)  # every row, the prompt file and the task choice validated before step one
-    load_prompts(args.prompts)
+    rows, prompts = load_rows(args.data), load_prompts(args.prompts)  # all validated before step one
     if args.stage == "sft" and (i := next((i for i, r in enumerate(rows) if "process" not in r), None)) is not None:
         raise DataError(f"{args.data}: row {i}: SFT rows need a `process` field (<think>...</think>)")
     if args.stage in ("pretext", "viss"):
@@ -1793,7 +1649,7 @@ def train(args: Args, preemption: Preemption | None = None) -> dict:
                 raise DataError(f"{args.data} has {kind} rows, but --pretext_tasks {args.pretext_tasks} enables no "
                                 f"{kind} task ({', '.join(PRETEXT_TASKS[kind])})")
     os.makedirs(args.out, exist_ok=True)
-    identity, marker = data_identity(rows, load_prompts(args.prompts)), os.path.join(args.out, "PREEMPTED")
+    identity, marker = data_identity(rows, prompts), os.path.join(args.out, "PREEMPTED")
     if rank == 0 and os.path.exists(marker):  # this start continues it (or fails for its own reasons)
         os.remove(marker)
     resume = latest_checkpoint(args.out)
@@ -1815,7 +1671,7 @@ def train(args: Args, preemption: Preemption | None = None) -> dict:
         if (changed := resume_changes(meta, args, identity)) and not args.resume_with_changes:
             raise RunStopped(f"{resume} was trained with other settings; resuming would continue another run:\n  "
                              + "\n  ".join(changed) + "\npass the checkpoint's values, or --resume_with_changes")
-        if meta["step"] >= args.max_steps:
+        if meta["step"] > args.max_steps:
             raise RunStopped(f"{resume} is at step {meta['step']}, --max_steps {args.max_steps}: nothing to do")
         load_optimizer(resume, policy, optimizer)
         scheduler.load_state_dict(torch.load(os.path.join(resume, "scheduler.pt"), weights_only=True))
@@ -1845,8 +1701,7 @@ def train(args: Args, preemption: Preemption | None = None) -> dict:
     report = reporter(args) if rank == 0 else None
     bar = tqdm(total=args.max_steps, initial=meta["step"], desc=args.stage, dynamic_ncols=True, disable=rank != 0)
     m, t_start, step0 = {}, time.time(), meta["step"]
-    # ---- a step's prompts (media loaded, transformed, patched; this rank's share of the global batch) are made at
-    # the end of the step before, so that a rank that cannot make them tells the others in that step's gather
+    # ---- a step's prompts are made at the end of the step before: a rank that cannot make them says so in its gather
     def prepare(step: int) -> tuple[list, str | None]:  # (this rank's samples for `step`, or why it has none)
         return attempt(next_samples, stream, args.per_device_prompts, args, spec, tokenizer, counters, bad_names) \
             if step <= args.max_steps else ([], None)
@@ -1867,8 +1722,7 @@ def train(args: Args, preemption: Preemption | None = None) -> dict:
         mask = pad_right([completion_mask(c, eos_ids) for c in ro["comps"]], 0.0)
         # ---- advantages: groups live on one rank; "batch" scaling needs every rank's rewards
         if not sft:
-            R_all = torch.tensor(sum(all_gather(ro["rewards"], world), []), device=device)
-            n = len(ro["rewards"])
+            R_all, n = torch.tensor(sum(all_gather(ro["rewards"], world), []), device=device), len(ro["rewards"])
             adv = group_advantages(R_all, G, args.scale_rewards)[rank * n:(rank + 1) * n]
         # ---- reference and old log-probs (no grad); every scoring forward packs a group into one sequence
         policy.train()
@@ -1911,9 +1765,8 @@ def train(args: Args, preemption: Preemption | None = None) -> dict:
         t_step = time.time() - t0
         # ---- next step's prompts; the stream position and counters a checkpoint of this step stores come first
         local = {"loss": loss.item(), "stats": stats, "parts": ro.get("parts", {}), "len": mask.sum(1).tolist(),
-                 "texts": ro.get("texts", []), "ids": [(s.row.get("problem_id"), s.task, s.letter, s.solution)
-                                                       for s in samples], "counters": dict(counters),
-                 "cursor": stream.cursor}
+                 "texts": ro.get("texts", []), "counters": dict(counters), "cursor": stream.cursor,
+                 "ids": [(s.row.get("problem_id"), s.task, s.letter, s.solution) for s in samples]}
         samples, local["failed"] = prepare(step + 1)
         local["signal"] = preemption.signal if preemption else None
         # ---- log: gather every rank's numbers (and reasons to stop); rank 0 prints a status line, appends metrics
@@ -1955,18 +1808,15 @@ def log_step(args, step, everyone, grad_norm, lr, t_rollout, t_step, sft, R) -> 
          "time/rollout": t_rollout, "time/train": t_step - t_rollout,
          "skipped/media": sum(e["counters"]["skipped_media"] for e in everyone),
          "skipped/nonfinite": everyone[0]["counters"]["nonfinite"]}
-    for k in everyone[0]["stats"]:
-        m[k] = mean([e["stats"][k] for e in everyone])
+    m.update({k: mean([e["stats"][k] for e in everyone]) for k in everyone[0]["stats"]})
     if not sft:
-        G = args.num_generations
-        std = R.view(-1, G).std(1)
+        std = R.view(-1, args.num_generations).std(1)
         m.update({"reward": R.mean().item(), "reward_std": std.mean().item(),
                   "frac_reward_zero_std": (std == 0).float().mean().item(),
                   "completions/mean_length": mean(lengths),
                   "completions/clipped_ratio": mean([float(n >= args.max_completion_length) for n in lengths]),
                   "tokens_per_sec": sum(lengths) / max(t_rollout, 1e-9)})
-        for k in everyone[0]["parts"]:
-            m[f"rewards/{k}/mean"] = mean(sum((e["parts"][k] for e in everyone), []))
+        m.update({f"rewards/{k}/mean": mean(sum((e["parts"][k] for e in everyone), [])) for k in everyone[0]["parts"]})
     with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(m) + "\n")
     if not sft and args.log_rollouts_every and step % args.log_rollouts_every == 0:
@@ -2017,22 +1867,30 @@ def status_line(m: dict, max_steps: int, sft: bool) -> str:
                    f"train {m['time/train']:.1f}s")
 
 
+def run_command(fn, *args):
+    """fn(*args) as a command's whole run (train here, eval.py, annotate.py): a stop every rank agreed on exits with
+    its reason printed once, by rank 0 (a preempted run: status PREEMPTED); then the process group goes down."""
+    try:
+        return fn(*args)
+    except Preempted as e:  # saved: a requeue continues it
+        print0(f"preempted: {e}")
+        raise SystemExit(PREEMPTED) from None
+    except (DataError, RunStopped) as e:  # the message is the whole story
+        raise SystemExit(f"error: {e}" if int(os.environ.get("RANK", 0)) == 0 else 1) from None
+    finally:
+        if torch.distributed.is_initialized():  # every rank is past its last collective here
+            torch.distributed.destroy_process_group()
+
+
 def main(argv=None):
     args = parse_args(argv)
     if not args.data:
         raise SystemExit("--data is required (a Video-R1 JSON or JSONL file)")
     preemption = Preemption()
     try:
-        return train(args, preemption)
-    except Preempted as e:  # saved: a requeue continues it
-        print0(f"preempted: {e}")
-        raise SystemExit(PREEMPTED) from None
-    except (DataError, RunStopped) as e:  # the message is the whole story; every rank stops, one prints it
-        raise SystemExit(f"error: {e}" if int(os.environ.get("RANK", 0)) == 0 else 1) from None
+        return run_command(train, args, preemption)
     finally:
         preemption.restore()
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
