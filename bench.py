@@ -870,8 +870,11 @@ def accept(argv=None) -> int:
             for line in accept_figures(ctx):
                 print(line, flush=True)
     print(f"{failed} check(s) failed; {time.time() - t0:.0f} s", flush=True)
-    if torch.distributed.is_initialized():
+    if torch.distributed.is_initialized():  # as viss_r1.run_command ends a run: barrier, destroy, collect
+        import gc
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+        gc.collect()
     return 1 if failed else 0
 
 

@@ -719,7 +719,10 @@ def main(argv=None) -> dict:
                 json.dump(dict(res, verdicts={f"{c:g}": verdict(res, c, own.reserve) for c in cards},
                                host_memory=host_memory(res, args, own.ranks_per_node)), f, indent=1)
     if not own.tensors == "fake" and torch.distributed.is_initialized():
+        import gc
+        torch.distributed.barrier()  # as viss_r1.run_command ends a run: barrier, destroy, then collect the rest
         torch.distributed.destroy_process_group()
+        gc.collect()
     return res
 
 

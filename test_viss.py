@@ -1503,7 +1503,11 @@ with torch.no_grad():
     lp = V.sequence_logprobs(policy, s, torch.tensor([[5, 6, 7, 8]]), 1.0, None)
 if rank == 0:
     torch.save(lp, {dst!r})
-torch.distributed.destroy_process_group() if world > 1 else None
+if torch.distributed.is_initialized():  # as viss_r1.run_command ends a run: barrier, destroy, collect
+    import gc
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    gc.collect()
 """
 
 
@@ -2895,8 +2899,11 @@ if mode != "none":  # this rank's shards against from_pretrained's tensors, bit 
     differ += model.generation_config.eos_token_id != ref.generation_config.eos_token_id
 with open(f"{{sys.argv[3]}}/{{mode}}-{{rank}}.json", "w") as f:  # a file per rank: printed lines could interleave
     json.dump([rise, differ], f)
-torch.distributed.barrier()
-torch.distributed.destroy_process_group()
+if torch.distributed.is_initialized():  # as viss_r1.run_command ends a run: barrier, destroy, collect
+    import gc
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    gc.collect()
 """
 
 
@@ -2943,7 +2950,11 @@ for policy in (new, old):
     out.append((loss.item(), (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()))
 with open(f"{{sys.argv[1]}}/step-{{rank}}.json", "w") as f:  # a file per rank: printed lines could interleave
     json.dump(out, f)
-torch.distributed.destroy_process_group() if world > 1 else None
+if torch.distributed.is_initialized():  # as viss_r1.run_command ends a run: barrier, destroy, collect
+    import gc
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    gc.collect()
 """
 
 

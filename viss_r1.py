@@ -1420,11 +1420,9 @@ def data_identity(rows: list[dict], prompts: dict) -> dict:
 def resume_changes(meta: dict, args: Args, identity: dict) -> list[str]:
     """The settings that shape the run and differ between a checkpoint's meta.json and this run, one per line."""
     old, new = meta.get("args", {}), vars(args)
-    out = [f"--{k} {old[k]} -> {new[k]}" for k in TRAJECTORY if k in old and old[k] != new[k]]
-    for k, v in meta.get("data", {}).items():
-        if v != identity[k]:
-            out.append(f"{'--data' if k.startswith('rows') else '--prompts'} {k} {v} -> {identity[k]}")
-    return out
+    return [f"--{k} {old[k]} -> {new[k]}" for k in TRAJECTORY if k in old and old[k] != new[k]] + [
+        f"{'--data' if k.startswith('rows') else '--prompts'} {k} {v} -> {identity[k]}"
+        for k, v in meta.get("data", {}).items() if v != identity[k]]
 
 
 def latest_checkpoint(out: str) -> str | None:
@@ -1532,14 +1530,11 @@ def load_sharded(path: str, dtype: torch.dtype, wrap, device: torch.device):
     full = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype) if torch.distributed.get_rank() == 0 else None
     with torch.no_grad():
         for name, p in model.named_parameters():  # one whole tensor at a time in flight, then this rank's slice
-            whole = full.get_parameter(name).to(device) if full is not None else torch.empty(p.shape, dtype=p.dtype,
-                                                                                            device=device)
+            whole = full.get_parameter(name).to(device) if full else torch.empty(p.shape, dtype=p.dtype, device=device)
             torch.distributed.broadcast(whole, src=0)
             p.to_local().copy_(distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None).to_local())
-        for name, buf in model.named_buffers():
-            if full is not None:
-                buf.copy_(full.get_buffer(name))
-            torch.distributed.broadcast(buf, src=0)
+        for name, buf in model.named_buffers():  # not in a checkpoint (rotary frequencies): as rank 0's from_pretrained
+            torch.distributed.broadcast(buf.copy_(full.get_buffer(name)) if full else buf, src=0)
     return wrapped
 
 
@@ -1871,15 +1866,20 @@ def run_command(fn, *args):
     """fn(*args) as a command's whole run (train here, eval.py, annotate.py): a stop every rank agreed on exits with
     its reason printed once, by rank 0 (a preempted run: status PREEMPTED); then the process group goes down."""
     try:
-        return fn(*args)
+        out = fn(*args)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every rank past its last collective before any tears the group down
+        return out
     except Preempted as e:  # saved: a requeue continues it
         print0(f"preempted: {e}")
         raise SystemExit(PREEMPTED) from None
     except (DataError, RunStopped) as e:  # the message is the whole story
         raise SystemExit(f"error: {e}" if int(os.environ.get("RANK", 0)) == 0 else 1) from None
     finally:
-        if torch.distributed.is_initialized():  # every rank is past its last collective here
+        if torch.distributed.is_initialized():
+            import gc
             torch.distributed.destroy_process_group()
+            gc.collect()  # the group's last references (FSDP2 state) go now: in the interpreter's exit, gloo aborted
 
 
 def main(argv=None):
