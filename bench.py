@@ -668,7 +668,10 @@ def accept_setup(root: str, device: torch.device, layers: int = 4) -> dict:
     clips and rows (RL, SFT with `process`, an evaluation file), and the flags every check shares."""
     p = replace(ACCEPT_GPU, layers=layers) if device.type == "cuda" else ACCEPT_CPU
     skeleton, ckpt = build_skeleton(os.path.join(root, "skeleton")), os.path.join(root, "ckpt")
-    build_model(skeleton, p, torch.device("cpu")).save_pretrained(ckpt)
+    model = build_model(skeleton, p, torch.device("cpu"))
+    model.save_pretrained(ckpt)
+    params = sum(x.numel() for x in model.parameters())  # what a reload must hold (counted once, not per check)
+    del model
     for name in os.listdir(skeleton):  # tokenizer, chat template, preprocessor config
         if not name.endswith((".safetensors", "config.json")) or name == "preprocessor_config.json":
             with open(os.path.join(skeleton, name), "rb") as src, open(os.path.join(ckpt, name), "wb") as dst:
@@ -679,7 +682,7 @@ def accept_setup(root: str, device: torch.device, layers: int = 4) -> dict:
              "--image_max_pixels", px, "--num_generations", str(p.G), "--max_completion_length", "8",
              "--gradient_checkpointing", "--bf16" if device.type == "cuda" else "--no-bf16", "--max_steps", "1"]
     return {"root": root, "ckpt": ckpt, "rl": rl, "sft": sft, "data": os.path.dirname(rl), "flags": flags,
-            "device": device, "preset": p, "bench": os.path.join(os.path.dirname(rl), "eval_demo.json")}
+            "device": device, "preset": p, "params": params, "bench": os.path.join(os.path.dirname(rl), "eval_demo.json")}
 
 
 def check_train(ctx: dict, stage: str) -> tuple[bool, str]:
@@ -690,8 +693,7 @@ def check_train(ctx: dict, stage: str) -> tuple[bool, str]:
     m = V.train(V.parse_args(["--stage", stage, "--model", ctx["ckpt"], "--data", ctx["sft" if stage == "sft" else
                               "rl"], "--media_root", ctx["data"], "--out", out, *ctx["flags"]]))
     loaded = AutoModelForImageTextToText.from_pretrained(out)
-    n, want = sum(x.numel() for x in loaded.parameters()), sum(x.numel() for x in
-                                                               AutoModelForImageTextToText.from_pretrained(ctx["ckpt"]).parameters())
+    n, want = sum(x.numel() for x in loaded.parameters()), ctx["params"]
     finite = math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])
     return finite and n == want, (f"loss {m['loss']:.4g}, grad norm {m['grad_norm']:.4g} (finite: {finite}); {out} "
                                   f"loads with from_pretrained, {n:,} of {want:,} parameters")
@@ -870,11 +872,6 @@ def accept(argv=None) -> int:
             for line in accept_figures(ctx):
                 print(line, flush=True)
     print(f"{failed} check(s) failed; {time.time() - t0:.0f} s", flush=True)
-    if torch.distributed.is_initialized():  # as viss_r1.run_command ends a run: barrier, destroy, collect
-        import gc
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-        gc.collect()
     return 1 if failed else 0
 
 
@@ -936,7 +933,7 @@ def machine(device: torch.device) -> dict:
 
 def main(argv=None) -> dict:
     if "--accept" in (argv if argv is not None else __import__("sys").argv[1:]):
-        raise SystemExit(accept(argv))
+        raise SystemExit(V.run_command(accept, argv))  # ends the process group as every command does
     a, p, sections = parse(argv)
     device = torch.device(a.device)
     res = {"preset": a.preset, "sections": sections, "config": asdict(p), "machine": machine(device), "section_s": {}}

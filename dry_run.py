@@ -702,6 +702,10 @@ def parse(argv=None) -> tuple[argparse.Namespace, V.Args]:
 
 
 def main(argv=None) -> dict:
+    return V.run_command(plan, argv)  # under torchrun (--tensors real): the group ends as every command ends it
+
+
+def plan(argv=None) -> dict:
     import json
     import warnings
 
@@ -718,11 +722,6 @@ def main(argv=None) -> dict:
             with open(own.json, "w") as f:
                 json.dump(dict(res, verdicts={f"{c:g}": verdict(res, c, own.reserve) for c in cards},
                                host_memory=host_memory(res, args, own.ranks_per_node)), f, indent=1)
-    if not own.tensors == "fake" and torch.distributed.is_initialized():
-        import gc
-        torch.distributed.barrier()  # as viss_r1.run_command ends a run: barrier, destroy, then collect the rest
-        torch.distributed.destroy_process_group()
-        gc.collect()
     return res
 
 

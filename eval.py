@@ -447,9 +447,7 @@ def evaluate(args) -> dict:
         with open(os.path.join(args.out, "results.txt"), "w") as f:
             f.write(table + "\n")
         print(table, flush=True)
-    if world > 1:  # every rank done with the group before any tears it down (gloo aborts otherwise)
-        torch.distributed.barrier()
-    return results
+    return results  # (V.run_command waits for every rank before the group goes down)
 
 
 if __name__ == "__main__":
