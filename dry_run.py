@@ -618,8 +618,30 @@ def host_memory_line(res: dict, args: V.Args, ranks_per_node: int = 8) -> str:
             f"{gb(h['every_rank'])}")
 
 
+def checkpoint_plan(res: dict, ranks_per_node: int = 8, write_gbs: float = 2.0) -> dict:
+    """What a save writes, from the plan's own rank-0 shards (the largest): a resume checkpoint holds each rank's
+    float32 weights and AdamW moments, written by every rank in parallel (viss_r1.save_checkpoint); the Hugging Face
+    export is the whole float32 model, gathered to rank 0 and written by it alone. Seconds at `write_gbs` GB/s
+    per node (an assumption: the filesystem's rate, not measured here)."""
+    at = res["phases"][res["order"][0]]  # the AdamW state is alive from the first phase on
+    rank, ranks = at["parameters"] + at["optimizer"], min(ranks_per_node, res["world"])
+    return {"bytes_per_rank": rank, "bytes_per_node": ranks * rank, "seconds": ranks * rank / (write_gbs * 1e9),
+            "export_bytes": 4 * res["parameters"], "export_seconds": 4 * res["parameters"] / (write_gbs * 1e9),
+            "write_gbs": write_gbs}
+
+
+def checkpoint_line(res: dict, ranks_per_node: int = 8, write_gbs: float = 2.0) -> str:
+    c = checkpoint_plan(res, ranks_per_node, write_gbs)
+    gb = lambda n: f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"  # noqa: E731
+    return (f"checkpoints (planned, at an assumed {write_gbs:g} GB/s per node, --write_gbs): a resume checkpoint "
+            f"is {gb(c['bytes_per_rank'])} per rank (float32 shards and AdamW moments), written in parallel, "
+            f"{gb(c['bytes_per_node'])} per node in {c['seconds']:.1f} s: a preemption signal must arrive at least "
+            f"one step plus that before the kill; the Hugging Face export (end of run, --export_steps) is "
+            f"{gb(c['export_bytes'])}, written by rank 0 alone in {c['export_seconds']:.1f} s")
+
+
 def format_plan(res: dict, args: V.Args, cards: list[float], reserve: float, brief: bool = False,
-                device_defaults: tuple = (), ranks_per_node: int = 8) -> str:
+                device_defaults: tuple = (), ranks_per_node: int = 8, write_gbs: float = 2.0) -> str:
     """The printed plan: what was planned, the table by phase and category with a column per card size, one
     verdict line per card, and (unless brief) how it was measured."""
     b = lambda n: f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"  # noqa: E731
@@ -655,7 +677,7 @@ def format_plan(res: dict, args: V.Args, cards: list[float], reserve: float, bri
         lines.append(head + (f"fits with {spare:.2f} GiB to spare" if v["fits"] else
                              f"does NOT fit, {-spare:.2f} GiB over; overflowing: {', '.join(v['overflowing'])}") +
                      f" ({reserve:g} GiB kept for the CUDA context and NCCL buffers)")
-    lines.append(host_memory_line(res, args, ranks_per_node))
+    lines += [host_memory_line(res, args, ranks_per_node), checkpoint_line(res, ranks_per_node, write_gbs)]
     if brief:
         return "\n".join(lines)
     C = args.max_completion_length
@@ -693,6 +715,8 @@ def parse(argv=None) -> tuple[argparse.Namespace, V.Args]:
                    "tensors, small models only; under torchrun with real collectives (checks the simulation)")
     p.add_argument("--ranks_per_node", type=int, default=8, help="GPUs (ranks) per node, for the host memory "
                    "that loading needs on one node")
+    p.add_argument("--write_gbs", type=float, default=2.0, help="GB/s one node writes to the checkpoint "
+                   "filesystem, for the checkpoint times (an assumption: measure yours)")
     p.add_argument("--brief", action="store_true", help="the table and verdicts only, not how they were measured")
     p.add_argument("--json", default=None, help="also write the plan to this file")
     own, rest = p.parse_known_args(argv)
@@ -716,12 +740,13 @@ def plan(argv=None) -> dict:
     res = run_plan(args, own.world_size, own.tensors == "fake", own.video_size, own.full_decode)
     if res["rank"] == 0:
         cards = [float(c) for c in own.gpu_memory.split(",")]
-        print(format_plan(res, args, cards, own.reserve, own.brief, own.device_defaults, own.ranks_per_node),
-              flush=True)
+        print(format_plan(res, args, cards, own.reserve, own.brief, own.device_defaults, own.ranks_per_node,
+                          own.write_gbs), flush=True)
         if own.json:
             with open(own.json, "w") as f:
                 json.dump(dict(res, verdicts={f"{c:g}": verdict(res, c, own.reserve) for c in cards},
-                               host_memory=host_memory(res, args, own.ranks_per_node)), f, indent=1)
+                               host_memory=host_memory(res, args, own.ranks_per_node),
+                               checkpoint=checkpoint_plan(res, own.ranks_per_node, own.write_gbs)), f, indent=1)
     return res
 
 

@@ -783,11 +783,14 @@ def test_one_step_of_each_stage_through_the_cli(demo, tmp_path, stage, extra, ke
     from transformers import AutoModelForImageTextToText, AutoTokenizer
     model = AutoModelForImageTextToText.from_pretrained(out)
     AutoTokenizer.from_pretrained(out)
-    saved = AutoModelForImageTextToText.from_pretrained(out / "step-000001")
     meta = json.load(open(out / "step-000001" / "meta.json"))
     assert meta["step"] == 1 and meta["args"]["stage"] == stage
-    name, p = next(iter(model.state_dict().items()))
-    assert torch.equal(p, saved.state_dict()[name])
+    # the step checkpoint is sharded state; its export is the final model, byte for byte
+    assert not list((out / "step-000001").glob("*.safetensors")) and (out / "step-000001" / "state").is_dir()
+    V.main(["--export", str(out / "step-000001"), "--to", str(tmp_path / "export")])
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "export" / "model.safetensors").read_bytes()
+    saved = AutoModelForImageTextToText.from_pretrained(tmp_path / "export")
+    assert all(torch.equal(p, saved.state_dict()[k]) for k, p in model.state_dict().items())
     if stage == "sft":  # a second fresh run into the same --out refuses to overwrite it
         again = run_cli("--stage", stage, "--model", demo["base"], "--data", data, "--media_root", demo["media"],
                         "--out", out, "--max_steps", 1, *SMALL, *extra)
@@ -1038,14 +1041,25 @@ def test_resume_after_sigkill_matches_uninterrupted(demo, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (b / "step-000006").exists(), "the run finished before it could be killed"
-    r = run_cli(*common, "--out", b, "--resume")
-    assert r.returncode == 0 and "resumed from" in r.stdout + r.stderr, r.stderr[-2000:]
-    wa = load_file(a / "step-000006" / "model.safetensors")
-    wb = load_file(b / "step-000006" / "model.safetensors")
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    ra = [m["reward"] for m in read_metrics(a)]
-    rb = [m["reward"] for m in read_metrics(b)]
-    assert ra == rb and len(rb) == 6  # the resumed log has each step exactly once
+    c = as_earlier_format(b, tmp_path / "c")
+    for out in (b, c):  # from the sharded checkpoint, and from the same state in the earlier consolidated format
+        r = run_cli(*common, "--out", out, "--resume")
+        assert r.returncode == 0 and "resumed from" in r.stdout + r.stderr, r.stderr[-2000:]
+        wa, wb = load_file(a / "model.safetensors"), load_file(out / "model.safetensors")
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+        ra = [(m["reward"], m["loss"]) for m in read_metrics(a)]
+        rb = [(m["reward"], m["loss"]) for m in read_metrics(out)]
+        assert ra == rb and len(rb) == 6  # the resumed log has each step exactly once
+
+
+def as_earlier_format(out, copy):
+    """A copy of the run folder `out` whose latest checkpoint is in this file's earlier format: the consolidated HF
+    weights (its export) beside `optimizer/`, a torch.distributed.checkpoint folder holding the AdamW state."""
+    shutil.copytree(out, copy)
+    ckpt = V.latest_checkpoint(str(copy))
+    V.main(["--export", ckpt, "--to", ckpt])
+    os.rename(os.path.join(ckpt, "state"), os.path.join(ckpt, "optimizer"))
+    return copy
 
 
 def test_broken_media_is_skipped_counted_and_named(demo, tmp_path):
@@ -1236,10 +1250,8 @@ def test_nonfinite_loss_or_gradient_skips_the_update_counts_it_and_keeps_the_sch
     # the schedule advanced on skipped steps too: warmup 1, then cosine over the 2 remaining updates
     assert [m["lr"] for m in ms] == pytest.approx([1e-3, 0.5e-3, 0.0], abs=1e-12)
     base, final = load_file(os.path.join(demo["base"], "model.safetensors")), load_file(out / "model.safetensors")
-    w2 = load_file(out / "step-000003" / "model.safetensors")
     assert all(torch.isfinite(v).all() for v in final.values())
-    changed = [k for k in base if not torch.equal(base[k], final[k])]
-    assert changed and all(torch.equal(final[k], w2[k]) for k in final)  # only step 3 updated the weights
+    assert [k for k in base if not torch.equal(base[k], final[k])]  # step 3 updated the weights
 
 
 def test_row_stream_draws_one_permutation_per_epoch():
@@ -1258,32 +1270,36 @@ def test_row_stream_draws_one_permutation_per_epoch():
 
 
 KILL_SCRIPT = """
-import os, shutil, signal, sys
+import os, signal, sys
 sys.path.insert(0, {here!r})
+import torch.distributed.checkpoint.filesystem as fs
 import viss_r1 as V
-where = {where!r}
-if where == "step":  # die while the last step checkpoint is being written (its temp dir is complete but unrenamed)
-    real = V.save_hf
-    def save_hf(path, *a, **k):
-        real(path, *a, **k)
-        if path.endswith(".tmp-step-000004"):
-            os.kill(os.getpid(), signal.SIGKILL)
-    V.save_hf = save_hf
-else:  # die while the final model is being copied into --out, after the first few files
-    real, n = shutil.copyfile, []
-    def copyfile(src, dst, **k):
-        n.append(dst)
-        if len(n) == 3:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real(src, dst, **k)
-    shutil.copyfile = copyfile
+where, n = {where!r}, []
+def die_on(count, test):  # a wrapper that SIGKILLs this process at the count-th call for which test(args) holds
+    def wrap(real):
+        def call(*a, **k):
+            n.append(test(a))
+            out = real(*a, **k)
+            if sum(n) == count and n[-1]:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return out
+        return call
+    return wrap
+if where == "shards":  # die inside the sharded write of the last step, after a few tensors of this rank's file
+    fs._write_item = die_on(3, lambda a: ".tmp-step-000004" in getattr(a[1], "name", ""))(fs._write_item)
+elif where == "step":  # die after every shard and the side files are written, before meta.json and the rename
+    V.save_hf = die_on(1, lambda a: a[0].endswith(".tmp-step-000004"))(V.save_hf)
+else:  # die while the final export is being moved into --out, after the first few files
+    os.replace = die_on(3, lambda a: ".tmp-export" in str(a[0]))(os.replace)
 V.main(sys.argv[1:])
 """
 
 
-@pytest.mark.parametrize("where", ["step", "final"])
+@pytest.mark.parametrize("where", ["shards", "step", "final"])
 def test_kill_inside_a_save_then_resume_gives_a_complete_model(demo, tmp_path, where):
-    from safetensors.torch import load_file
+    """SIGKILL inside the sharded write of a step, after it (before meta.json marks it), or inside the final
+    export into --out: the previous checkpoint (or the last) is the resume point, and --resume ends with --out a
+    complete model, bit for bit the export of the last checkpoint."""
     from transformers import AutoModelForImageTextToText
     common = ["--stage", "viss", "--model", demo["base"], "--data", demo["rl"], "--media_root", demo["media"],
               "--max_steps", 4, "--save_steps", 2, "--learning_rate", "1e-3", *SMALL]
@@ -1294,11 +1310,16 @@ def test_kill_inside_a_save_then_resume_gives_a_complete_model(demo, tmp_path, w
                        text=True, timeout=300)
     assert r.returncode == -9, r.stderr[-2000:]  # killed
     assert not (out / "meta.json").exists()  # --out is not marked complete
-    assert (where == "final") == (out / "step-000004" / "meta.json").exists()
+    assert V.latest_checkpoint(str(out)).endswith("step-000004" if where == "final" else "step-000002")
+    if where == "shards":  # killed with this rank's file half written
+        assert (out / ".tmp-step-000004" / "state" / "__0_0.distcp").exists()
+        assert not (out / ".tmp-step-000004" / "state" / ".metadata").exists()
     r = run_cli(*common, "--out", out, "--resume")
     assert r.returncode == 0, r.stderr[-2000:]
-    final, last = load_file(out / "model.safetensors"), load_file(out / "step-000004" / "model.safetensors")
-    assert all(torch.equal(final[k], last[k]) for k in last)
+    r = run_cli("--export", out / "step-000004", "--to", tmp_path / "export")
+    assert r.returncode == 0, r.stderr[-2000:]
+    for name in ("model.safetensors", "config.json", "meta.json"):
+        assert (out / name).read_bytes() == (tmp_path / "export" / name).read_bytes(), name
     assert json.load(open(out / "meta.json"))["step"] == 4
     AutoModelForImageTextToText.from_pretrained(out)  # a loadable model
     assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]
@@ -1414,7 +1435,13 @@ def test_torchrun_two_processes_train(demo, tmp_path, stage):
     assert ranks == {0, 1}  # both ranks' rollouts gathered
     meta = json.load(open(out / "step-000003" / "meta.json"))
     assert len(meta["cursors"]) == 2
-    assert os.path.isdir(out / "step-000003" / "optimizer")  # sharded optimizer state
+    # sharded state: a file per rank, each what dry_run.py plans (rank 0's float32 shards and AdamW moments) plus
+    # torch.save's framing of each tensor (~1.4 KB; 3 MB of 12 GB a rank for 7B); no rank wrote the whole state
+    sizes = [os.path.getsize(out / "step-000003" / "state" / f"__{rank}_0.distcp") for rank in range(2)]
+    planned = DR.checkpoint_plan(DR.run_plan(dry_args(demo), world=2))["bytes_per_rank"]
+    tensors = 4 * len(list(V.load_whole(demo["base"], torch.float32, torch.device("cpu")).parameters()))
+    assert all(0.9 * planned < s < planned + 2048 * tensors for s in sizes), (sizes, planned, tensors)
+    assert all(s < 0.7 * sum(sizes) for s in sizes)
 
 
 def test_torchrun_image_on_one_rank_video_on_the_other_and_uneven_lengths(demo, sft_ckpt, tmp_path):
@@ -1564,11 +1591,13 @@ def test_torchrun_resume_after_sigkill(demo, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
     proc.wait()
     assert not (b / "step-000004").exists(), "the run finished before it could be killed"
-    r = torchrun(*common, "--out", b, "--resume")
-    assert r.returncode == 0 and "resumed from" in r.stdout + r.stderr, r.stderr[-3000:]
-    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    assert [m["reward"] for m in read_metrics(a)] == [m["reward"] for m in read_metrics(b)]
+    c = as_earlier_format(b, tmp_path / "c")
+    for out in (b, c):  # from the sharded checkpoint, and from the same state in the earlier consolidated format
+        r = torchrun(*common, "--out", out, "--resume")
+        assert r.returncode == 0 and "resumed from" in r.stdout + r.stderr, r.stderr[-3000:]
+        wa, wb = load_file(a / "model.safetensors"), load_file(out / "model.safetensors")
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+        assert [(m["reward"], m["loss"]) for m in read_metrics(a)] == [(m["reward"], m["loss"]) for m in read_metrics(out)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -2414,6 +2443,10 @@ def test_dry_run_7b_paper_settings(qwen7b, tmp_path):
     host = res["host_memory"]  # loading: one float32 copy on rank 0, not one on each of the node's 8 ranks
     assert host["peak"] == 4 * P and host["every_rank"] == 8 * 4 * P and host["teacher_bf16"] == 2 * P
     assert "the policy 33.2 GB (peak 33.2 GB)" in r.stdout and "each of 8 ranks of a node would take 265.3 GB" in r.stdout
+    ckpt = res["checkpoint"]  # a resume checkpoint: 12 bytes a parameter (weights, two moments) over 8 ranks
+    assert ckpt["bytes_per_rank"] == pytest.approx(12 * P / 8, rel=0.01) and ckpt["export_bytes"] == 4 * P
+    assert ckpt["seconds"] == pytest.approx(12 * P / 2e9, rel=0.01)  # 8 ranks' shards at 2 GB/s per node
+    assert "a resume checkpoint is 12.4 GB per rank" in r.stdout and f"per node in {ckpt['seconds']:.1f} s" in r.stdout
     assert res["video_tokens"] == 2048 and res["frame"] == [224, 448]  # 16 temporal patches x 128 tokens
     ph = res["phases"]
     assert ph["rollout: decode"]["parameters"] == pytest.approx(4 * P / N, rel=0.01)
@@ -2883,13 +2916,18 @@ import transformers.models.qwen2_5_vl.modeling_qwen2_5_vl  # loading imports it 
 mode, path = sys.argv[1], sys.argv[2]
 rank, world, device = V.setup_distributed()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-if mode == "policy":
+if mode in ("policy", "save", "resume"):  # resume: from the resume checkpoint that "save" writes (argv[4])
     model = V.load_model(path, V.parse_args(["--stage", "viss"]), device, world)[0].model
+if mode == "save":  # every rank its shards, the config beside: what save_checkpoint writes of a model
+    V.dcp_io("save", V.train_state(model), sys.argv[4] + "/state")
+    if rank == 0:
+        model.config.save_pretrained(sys.argv[4])
+        model.generation_config.save_pretrained(sys.argv[4])
 elif mode == "teacher":
     model = N.read_teacher(SimpleNamespace(model=path, shard_teacher=True), device, world)
 rise, differ = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024, 0
 if mode != "none":  # this rank's shards against from_pretrained's tensors, bit for bit; every buffer whole
-    ref = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+    ref = AutoModelForImageTextToText.from_pretrained(sys.argv[4] if mode == "resume" else path, dtype=torch.float32)
     for name, p in model.named_parameters():  # (a root FSDP2 keeps gathered after a forward is whole)
         whole = ref.get_parameter(name).detach()
         local = (p.to_local(), torch.chunk(whole, world)[rank]) if hasattr(p, "to_local") else (p, whole)
@@ -2910,21 +2948,25 @@ if torch.distributed.is_initialized():  # as viss_r1.run_command ends a run: bar
 def test_sharded_loading_reads_the_checkpoint_once(big_ckpt, tmp_path):
     """Under torchrun with 2 processes, rank 1's peak resident memory rises during loading by its own shards and
     a tensor in flight, well below one float32 copy of the model (the old path read a whole copy on every rank),
-    and its shards equal from_pretrained's bit for bit; the same for annotate.py --shard_teacher."""
+    and its shards equal from_pretrained's bit for bit; the same for annotate.py --shard_teacher. From a sharded
+    resume checkpoint no rank reads more than its own shards, rank 0 included."""
     script = tmp_path / "load.py"
     script.write_text(LOAD_SCRIPT.format(here=HERE))
     full = sum(os.path.getsize(os.path.join(big_ckpt, f)) for f in os.listdir(big_ckpt) if f.endswith(".safetensors"))
     assert full > 1e9
     rises = {}
-    for mode in ("none", "policy", "teacher"):
-        r = torchrun(mode, big_ckpt, tmp_path, script=str(script))
+    resume = tmp_path / "resume"
+    for mode, path, extra in (("none", big_ckpt, ()), ("policy", big_ckpt, ()), ("teacher", big_ckpt, ()),
+                              ("save", big_ckpt, (resume,)), ("resume", resume, (big_ckpt,))):
+        r = torchrun(mode, path, tmp_path, *extra, script=str(script))
         assert r.returncode == 0, r.stderr[-3000:]
         found = [json.loads((tmp_path / f"{mode}-{rank}.json").read_text()) for rank in range(2)]
-        assert found[0][1] == found[1][1] == 0, found  # no tensor differs on either rank
-        rises[mode] = found[1][0]
-    for mode in ("policy", "teacher"):
-        extra = rises[mode] - rises["none"]
-        assert full / 2 * 0.9 < extra < 0.7 * full, (mode, extra / full)  # its half, not a whole copy
+        assert found[0][1] == found[1][1] == 0, (mode, found)  # no tensor differs on either rank
+        rises[mode] = [rank[0] for rank in found]
+    for mode, ranks in (("policy", [1]), ("teacher", [1]), ("resume", [0, 1])):
+        for rank in ranks:
+            extra = rises[mode][rank] - rises["none"][rank]
+            assert full / 2 * 0.9 < extra < 0.7 * full, (mode, rank, extra / full)  # its half, not a whole copy
 
 
 STEP_SCRIPT = """
@@ -3113,6 +3155,36 @@ def test_preemption_saves_the_step_and_resume_loses_nothing(demo, uninterrupted,
     ms = read_metrics(out)
     assert [m["step"] for m in ms] == [1, 2, 3, 4, 5, 6] and [m["reward"] for m in ms] == ref_rewards
     assert not (out / "PREEMPTED").exists()
+
+
+def test_time_based_saves_interval_exports_and_eval_of_a_resume_checkpoint(demo, tmp_path, capsys):
+    """--save_minutes (tiny: every step is due) saves each step; each save prints the bytes every rank wrote (its
+    shard file's size); --export_steps 2 leaves out/hf-step-000002, the export of step 2 byte for byte; eval.py
+    reads a resume checkpoint directly and predicts exactly what it predicts from the checkpoint's export."""
+    import eval as E
+    from transformers import AutoModelForImageTextToText
+    out = tmp_path / "out"
+    V.main(["--stage", "viss", *map(str, _base_args(demo)), "--per_device_prompts", "1", "--out", str(out),
+            "--learning_rate", "1e-2", "--max_steps", "3", "--save_steps", "100", "--save_total_limit", "5",
+            "--save_minutes", "1e-9", "--export_steps", "2"])
+    said = capsys.readouterr().out
+    assert sorted(d for d in os.listdir(out) if d.startswith(("step-", "hf-"))) == \
+        ["hf-step-000002", "step-000001", "step-000002", "step-000003"]
+    for step in (1, 2, 3):  # "step N saved: X MiB per rank at most (X MiB in all) in S s": the shard file
+        mib = float(re.search(rf"step {step} saved: ([\d.]+) MiB per rank", said).group(1))
+        assert mib == round(os.path.getsize(out / f"step-{step:06d}" / "state" / "__0_0.distcp") / 2**20, 1) > 0
+    V.main(["--export", str(out / "step-000002"), "--to", str(tmp_path / "two")])
+    assert (out / "hf-step-000002" / "model.safetensors").read_bytes() == \
+        (tmp_path / "two" / "model.safetensors").read_bytes()
+    AutoModelForImageTextToText.from_pretrained(out / "hf-step-000002")
+    common = ["--bench", os.path.join(demo["media"], "eval_demo.json"), "--media_root", demo["media"], "--limit", "3",
+              "--nframes", "4", "--max_new_tokens", "6", *pixels(3136)]
+    E.main(["--ckpt", str(out / "step-000003"), *common])
+    E.main(["--ckpt", str(out), *common])
+    assert (out / "eval-step-000003").is_dir() and not (out / "step-000003" / "eval").exists()
+    preds = [[json.loads(line)["output"] for line in open(d / "predictions_demo.jsonl")]
+             for d in (out / "eval-step-000003", out / "eval")]
+    assert len(preds[0]) == 3 and preds[0] == preds[1]
 
 
 def test_resume_names_what_changed_and_extends_max_steps(demo, tmp_path, capsys):

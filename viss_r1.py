@@ -53,6 +53,7 @@ get_rope_index: the text after a video starts one past its largest position on a
 from __future__ import annotations
 
 import functools
+import glob
 import itertools
 import json
 import math
@@ -61,6 +62,7 @@ import random
 import re
 import shutil
 import signal
+import sys
 import time
 import warnings
 from collections import Counter
@@ -137,6 +139,9 @@ class Args:
     max_steps: int = arg(1000, "training steps (one rollout each)")
     save_steps: int = arg(100, "checkpoint every N steps (the last step always saves)")
     save_total_limit: int = arg(2, "step checkpoints kept on disk")
+    save_minutes: float = arg(0, "also checkpoint when this many minutes have passed since the last save (0: off)")
+    export_steps: int = arg(0, "also export the model as a Hugging Face folder <out>/hf-step-N every N steps (the "
+                            "last step always exports into --out; any checkpoint: --export)")
     log_rollouts_every: int = arg(10, "print one rollout and dump the step's rollouts every N steps (0: never)")
     seed: int = arg(42, "data order, transforms and sampling; one seed gives the same run on any number of GPUs")
     resume: bool = arg(False, "continue from the latest checkpoint in --out")
@@ -1432,9 +1437,15 @@ def latest_checkpoint(out: str) -> str | None:
     return os.path.join(out, done[-1]) if done else None
 
 
-def save_hf(path: str, model, tokenizer, processor, spec: VisionSpec, state_dict=None) -> None:
-    """What `from_pretrained` needs: weights (safetensors), config, tokenizer, processor config."""
-    model.save_pretrained(path, state_dict=state_dict)
+def save_hf(path: str, model, tokenizer, processor, spec: VisionSpec, weights: dict | None = None) -> None:
+    """What `from_pretrained` needs: weights (safetensors), config, tokenizer, processor config. weights None: all
+    but the weights (a resume checkpoint keeps these beside its shards, for --export and eval.py)."""
+    if weights is None:
+        model.config.save_pretrained(path)
+        if model.can_generate():
+            model.generation_config.save_pretrained(path)
+    else:
+        model.save_pretrained(path, state_dict=weights)
     tokenizer.save_pretrained(path)
     if processor is not None:
         processor.save_pretrained(path)
@@ -1445,23 +1456,40 @@ def save_hf(path: str, model, tokenizer, processor, spec: VisionSpec, state_dict
                            merge_size=spec.merge_size, image_processor_type="Qwen2VLImageProcessor"), f, indent=2)
 
 
-def save_checkpoint(args: Args, step: int, policy, tokenizer, processor, spec, optimizer, scheduler, meta: dict,
-                    rank: int, world: int) -> None:
-    """On every rank: rank 0 writes the full HF model, each rank its optimizer shard; the temp dir becomes step-N."""
+def dcp_io(mode: str, state: dict, path: str) -> None:
+    """torch.distributed.checkpoint `mode` ("save" or "load", in place) of `state` at `path`: with a process group
+    every rank writes (reads) its own shards in parallel; without one (one process, --export) the same files,
+    resharded on load to whatever layout `state` has."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-    tmp, dst = os.path.join(args.out, f".tmp-step-{step:06d}"), os.path.join(args.out, f"step-{step:06d}")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    full = get_model_state_dict(policy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     with warnings.catch_warnings():  # dcp warns that a single process is a single process
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save({"optimizer": get_optimizer_state_dict(policy, optimizer)},
-                 checkpoint_id=os.path.join(tmp, "optimizer"), no_dist=not torch.distributed.is_initialized())
+        getattr(dcp, mode)(state, checkpoint_id=path, no_dist=not torch.distributed.is_initialized())
 
-    def write():  # rank 0 alone: the HF model, the schedule, meta.json last; then the rename
-        save_hf(tmp, policy.model, tokenizer, processor, spec, state_dict=full)
+
+def train_state(policy, optimizer=None) -> dict:
+    """What a resume checkpoint holds, as this rank's shards: the float32 weights, the buffers a checkpoint of
+    from_pretrained's does not carry (rotary frequencies), and the AdamW state."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    model = policy.model if isinstance(policy, Policy) else policy
+    state = {"model": get_model_state_dict(model), "buffers": dict(model.named_buffers())}
+    return state if optimizer is None else {**state, "optimizer": get_optimizer_state_dict(policy, optimizer)}
+
+
+def save_checkpoint(args: Args, step: int, policy, tokenizer, processor, spec, optimizer, scheduler, meta: dict,
+                    rank: int, world: int) -> dict:
+    """On every rank: its shards of the model and AdamW state, written in parallel (nothing gathered to one rank);
+    then rank 0 writes the schedule, the config and tokenizer, meta.json last, and renames the temp dir to step-N.
+    Returns what this save took: seconds, and the bytes each rank wrote."""
+    tmp, dst = os.path.join(args.out, f".tmp-step-{step:06d}"), os.path.join(args.out, f"step-{step:06d}")
+    t0 = time.time()
+    if rank == 0:  # before dcp's first collective: no rank writes into a stale temp dir
+        shutil.rmtree(tmp, ignore_errors=True)
+    failed = attempt(dcp_io, "save",
+                     train_state(policy, optimizer), os.path.join(tmp, "state"))[1]
+    mine = sum(os.path.getsize(p) for p in glob.glob(os.path.join(tmp, "state", f"__{rank}_*.distcp")))
+
+    def write():  # rank 0 alone, once every shard is on disk: the small files, meta.json last; then the rename
+        save_hf(tmp, policy.model, tokenizer, processor, spec)
         torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
         with open(os.path.join(tmp, "meta.json"), "w") as f:  # written last: its presence marks a complete save
             json.dump(meta, f, indent=2)
@@ -1469,34 +1497,48 @@ def save_checkpoint(args: Args, step: int, policy, tokenizer, processor, spec, o
         os.replace(tmp, dst)
         for old in sorted(d for d in os.listdir(args.out) if re.fullmatch(r"step-\d{6}", d))[:-args.save_total_limit]:
             shutil.rmtree(os.path.join(args.out, old), ignore_errors=True)
-    failed = attempt(write)[1] if rank == 0 else None  # a full disk stops every rank, not rank 0 alone
-    stop_if_any(all_gather(failed, world))  # also the barrier: no rank goes on before the save is complete
+    stop_if_any(all_gather(failed, world))  # a full disk stops every rank, not one
+    failed = attempt(write)[1] if rank == 0 else None
+    everyone = all_gather((failed, mine), world)  # also the barrier: no rank goes on before the save is complete
+    stop_if_any([f for f, _ in everyone])
+    return {"seconds": time.time() - t0, "bytes_per_rank": [b for _, b in everyone]}
 
 
-def final_is_complete(out: str, ckpt: str) -> bool:
-    """--out holds the final model iff its meta.json (copied last) equals the last checkpoint's."""
-    paths = [os.path.join(d, "meta.json") for d in (out, ckpt)]
-    return all(os.path.isfile(p) for p in paths) and open(paths[0]).read() == open(paths[1]).read()
+def export_hf(path: str, weights: dict, model, tokenizer, processor, spec, meta: dict) -> None:
+    """Write a Hugging Face directory into `path` (--out itself at the end of a run): into a temp dir beside, each
+    file then renamed into place, meta.json last (present iff the export is complete)."""
+    tmp = os.path.join(path, ".tmp-export")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    if os.path.exists(os.path.join(path, "meta.json")):
+        os.remove(os.path.join(path, "meta.json"))
+    save_hf(tmp, model, tokenizer, processor, spec, weights)
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+    for name in sorted(os.listdir(tmp), key=lambda n: n == "meta.json"):
+        os.replace(os.path.join(tmp, name), os.path.join(path, name))
+    os.rmdir(tmp)
 
 
-def publish_final(out: str, ckpt: str) -> None:
-    """Copy the last checkpoint's HF files into --out, each written beside and renamed, meta.json last (marks done)."""
-    if os.path.exists(os.path.join(out, "meta.json")):
-        os.remove(os.path.join(out, "meta.json"))
-    names = sorted(n for n in os.listdir(ckpt) if os.path.isfile(os.path.join(ckpt, n)) and n != "scheduler.pt")
-    for name in sorted(names, key=lambda n: n == "meta.json"):  # meta.json last: it marks a complete copy
-        shutil.copyfile(os.path.join(ckpt, name), os.path.join(out, ".tmp-" + name))
-        os.replace(os.path.join(out, ".tmp-" + name), os.path.join(out, name))
+def export_run(path: str, policy, tokenizer, processor, spec, meta: dict, rank: int, world: int) -> None:
+    """On every rank: the full float32 weights gathered to rank 0's CPU, which exports them into `path`."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    full = get_model_state_dict(policy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    failed = attempt(export_hf, path, full, policy.model, tokenizer, processor, spec, meta)[1] if rank == 0 else None
+    stop_if_any(all_gather(failed, world))  # also the barrier: every rank waits for the export
 
 
-def load_optimizer(path: str, policy, optimizer) -> None:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-    state = {"optimizer": get_optimizer_state_dict(policy, optimizer)}  # initialised state to load into
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=os.path.join(path, "optimizer"), no_dist=not torch.distributed.is_initialized())
-    set_optimizer_state_dict(policy, optimizer, state["optimizer"])
+def export(ckpt: str, to: str) -> None:
+    """`python viss_r1.py --export out/step-000300 --to hf/`: a resume checkpoint as a Hugging Face directory, in
+    one process on the CPU (no GPU, no process group; host memory: the float32 model once)."""
+    if not os.path.isfile(os.path.join(ckpt, "meta.json")) or not os.path.isdir(os.path.join(ckpt, "state")):
+        raise RunStopped(f"{ckpt} is not a complete resume checkpoint (a step-NNNNNN folder with state/, meta.json)")
+    policy, tokenizer, processor, spec = load_model(ckpt, Args(), torch.device("cpu"), 1, trainable=False)
+    with open(os.path.join(ckpt, "meta.json")) as f:
+        meta = json.load(f)
+    export_hf(to, policy.model.state_dict(), policy.model, tokenizer, processor, spec, meta)
+    print(f"exported {ckpt} (step {meta['step']}) to {to}")
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Training loop: sample prompts -> transform -> rollout -> reward -> advantages -> log-probs -> step -> log
@@ -1518,15 +1560,23 @@ def make_policy(model, args: Args, device, world: int, trainable: bool = True) -
 
 def load_sharded(path: str, dtype: torch.dtype, wrap, device: torch.device):
     """`wrap(model)` (FSDP2) of the checkpoint at `path`, read ONCE: every rank builds it on the meta device and
-    allocates only its own shards; rank 0 alone reads it (from_pretrained) and broadcasts it tensor by tensor."""
+    allocates only its own shards. A resume checkpoint's shards are read by the ranks that hold them (resharded if
+    the layout differs; also without a process group); a Hugging Face one by rank 0 alone, broadcast tensor by tensor."""
     from torch.distributed.tensor import distribute_tensor
     from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
     if os.path.isfile(os.path.join(path, "generation_config.json")):  # as from_pretrained reads it
         model.generation_config = GenerationConfig.from_pretrained(path)
+    sharded = torch.distributed.is_initialized()
+    if not sharded:
+        model.to_empty(device=device)  # the whole model on its device, uninitialised
     wrapped = wrap(model)
-    model.to_empty(device=device)  # this rank's shards and the buffers, uninitialised
+    if sharded:
+        model.to_empty(device=device)  # this rank's shards and the buffers, uninitialised
+    if os.path.isdir(os.path.join(path, "state")):  # a resume checkpoint (save_checkpoint): weights and buffers
+        dcp_io("load", train_state(model), os.path.join(path, "state"))  # in place, into this rank's shards
+        return wrapped
     full = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype) if torch.distributed.get_rank() == 0 else None
     with torch.no_grad():
         for name, p in model.named_parameters():  # one whole tensor at a time in flight, then this rank's slice
@@ -1551,8 +1601,8 @@ def load_model(path: str, args: Args, device, world: int, trainable: bool = True
     """A Policy on `device` (sharded with FSDP2 under torchrun), plus tokenizer, processor and VisionSpec."""
     from transformers import AutoTokenizer
     build = lambda model: make_policy(model, args, device, world, trainable)  # noqa: E731
-    if torch.distributed.is_initialized():  # read once by rank 0 whatever the number of ranks
-        policy = load_sharded(path, torch.float32, build, device)
+    if torch.distributed.is_initialized() or os.path.isdir(os.path.join(path, "state")):  # read once (a resume
+        policy = load_sharded(path, torch.float32, build, device)  # checkpoint: each rank reads its own shards)
     else:
         policy = build(load_whole(path, torch.float32, device))
     tokenizer, processor = AutoTokenizer.from_pretrained(path), None
@@ -1668,7 +1718,10 @@ def train(args: Args, preemption: Preemption | None = None) -> dict:
                              + "\n  ".join(changed) + "\npass the checkpoint's values, or --resume_with_changes")
         if meta["step"] > args.max_steps:
             raise RunStopped(f"{resume} is at step {meta['step']}, --max_steps {args.max_steps}: nothing to do")
-        load_optimizer(resume, policy, optimizer)
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict  # the AdamW state (earlier
+        state = {"optimizer": train_state(policy, optimizer)["optimizer"]}  # versions of this file: in optimizer/)
+        dcp_io("load", state, os.path.join(resume, "state" if os.path.isdir(f"{resume}/state") else "optimizer"))
+        set_optimizer_state_dict(policy, optimizer, state["optimizer"])
         scheduler.load_state_dict(torch.load(os.path.join(resume, "scheduler.pt"), weights_only=True))
         scheduler.base_lrs = [args.learning_rate] * len(optimizer.param_groups)  # a changed lr / decay holds
         for group in optimizer.param_groups:
@@ -1696,6 +1749,7 @@ def train(args: Args, preemption: Preemption | None = None) -> dict:
     report = reporter(args) if rank == 0 else None
     bar = tqdm(total=args.max_steps, initial=meta["step"], desc=args.stage, dynamic_ncols=True, disable=rank != 0)
     m, t_start, step0 = {}, time.time(), meta["step"]
+    t_saved = t_start  # --save_minutes counts from here
     # ---- a step's prompts are made at the end of the step before: a rank that cannot make them says so in its gather
     def prepare(step: int) -> tuple[list, str | None]:  # (this rank's samples for `step`, or why it has none)
         return attempt(next_samples, stream, args.per_device_prompts, args, spec, tokenizer, counters, bad_names) \
@@ -1764,6 +1818,7 @@ def train(args: Args, preemption: Preemption | None = None) -> dict:
                  "ids": [(s.row.get("problem_id"), s.task, s.letter, s.solution) for s in samples]}
         samples, local["failed"] = prepare(step + 1)
         local["signal"] = preemption.signal if preemption else None
+        local["save_due"] = bool(args.save_minutes) and time.time() - t_saved >= 60 * args.save_minutes
         # ---- log: gather every rank's numbers (and reasons to stop); rank 0 prints a status line, appends metrics
         everyone = all_gather(local, world)
         meta = {"step": step, "cursors": [e["cursor"] for e in everyone], "counters": [e["counters"] for e in everyone],
@@ -1776,9 +1831,15 @@ def train(args: Args, preemption: Preemption | None = None) -> dict:
             eta = (time.time() - t_start) / (step - step0) * (args.max_steps - step)
             bar.write(status_line(m, args.max_steps, sft) + f" | eta {eta / 60:.1f}m")
             bar.update(1)
-        # ---- checkpoint (the last step always saves)
-        if step % args.save_steps == 0 or step == args.max_steps or signalled:
-            save_checkpoint(args, step, policy, tokenizer, processor, spec, optimizer, scheduler, meta, rank, world)
+        # ---- checkpoint (the last step always saves; --save_minutes: on rank 0's clock), HF export every N steps
+        if step % args.save_steps == 0 or step == args.max_steps or signalled or everyone[0]["save_due"]:
+            s = save_checkpoint(args, step, policy, tokenizer, processor, spec, optimizer, scheduler, meta, rank, world)
+            t_saved, mb = time.time(), [b / 2**20 for b in s["bytes_per_rank"]]
+            print0(f"step {step} saved: {max(mb):.1f} MiB per rank at most ({sum(mb):.1f} MiB in all) in "
+                   f"{s['seconds']:.2f} s")
+        if args.export_steps and step % args.export_steps == 0 and step < args.max_steps:
+            export_run(os.path.join(args.out, f"hf-step-{step:06d}"), policy, tokenizer, processor, spec, meta, rank,
+                       world)
         stop_if_any([e["failed"] for e in everyone])  # a rank could not make its next prompts: all stop here
         if signalled and step < args.max_steps:
             if rank == 0:
@@ -1788,10 +1849,11 @@ def train(args: Args, preemption: Preemption | None = None) -> dict:
                             f"same command and --resume (exit status {PREEMPTED}, marker {marker})")
     bar.close()
     last = latest_checkpoint(args.out)  # --out itself becomes the final model (again, if a kill interrupted it)
-    failed = None
-    if rank == 0 and last and last.endswith(f"step-{args.max_steps:06d}") and not final_is_complete(args.out, last):
-        failed = attempt(publish_final, args.out, last)[1]
-    stop_if_any(all_gather(failed, world))  # also the barrier: every rank waits for the final model
+    done = [os.path.join(d, "meta.json") for d in (args.out, last)]  # the same meta.json (written last): complete
+    todo = rank == 0 and last.endswith(f"step-{args.max_steps:06d}") and not (os.path.isfile(done[0]) and
+                                                                               open(done[0]).read() == open(done[1]).read())
+    if all_gather(todo, world)[0]:  # rank 0 reads the files; every rank takes part in the gather
+        export_run(args.out, policy, tokenizer, processor, spec, meta, rank, world)
     return m
 
 
@@ -1883,6 +1945,14 @@ def run_command(fn, *args):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--export" in argv:  # python viss_r1.py --export out/step-000300 --to hf/
+        import argparse
+        p = argparse.ArgumentParser(description="export a resume checkpoint as a Hugging Face folder (CPU, no GPU)")
+        p.add_argument("--export", required=True, help="a checkpoint folder, <out>/step-NNNNNN")
+        p.add_argument("--to", required=True, help="the folder to write (from_pretrained and eval.py load it)")
+        own = p.parse_args(argv)
+        return run_command(export, own.export, own.to)
     args = parse_args(argv)
     if not args.data:
         raise SystemExit("--data is required (a Video-R1 JSON or JSONL file)")
