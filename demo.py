@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 
 import numpy as np
 import torch
@@ -533,16 +534,17 @@ def write_shortcut_data(root: str, seed: int = 0, n_train: int = 64, n_test: int
     return files
 
 
-def run_shortcut(root: str = "shortcut", seeds: tuple = (1, 2, 3), sft_steps: int = 100, rl_steps: int = 120,
+def run_shortcut(root: str = "shortcut", seeds: tuple = (1, 2, 3), sft_steps: int = 100, rl_steps: int = 400,
                  n_train: int = 64, n_test: int = 32) -> dict:
-    """`python demo.py --experiment shortcut`: from one SFT start per seed and with the same number of RL steps,
-    (a) GRPO (r1 prompt, original clips), (b) Pretext-GRPO for half the steps then GRPO for the other half,
-    (c) ViSS-R1, and (d) GRPO on grey frames, which can only read the text; each evaluated by eval.py on the
-    cue-consistent and cue-broken splits, plain and with the blind probe. Writes results.json, table.txt and
-    shortcut.svg to `root`."""
+    """`python demo.py --experiment shortcut`: from one SFT start per seed and with one RL budget for every method
+    (`rl_steps` steps of 8 prompts x G 16 at lr 5e-4 constant: the demo's ViSS-R1 settings), (a) GRPO (r1 prompt,
+    original clips), (b) Pretext-GRPO for half the steps then GRPO for the other half, (c) ViSS-R1, and (d) GRPO on
+    grey frames, which can only read the text; each evaluated by eval.py on the cue-consistent and cue-broken
+    splits, plain and with the blind probe. Writes results.json, table.txt, shortcut.svg (accuracy by split) and
+    shortcut_curves.svg (training accuracy by step) to `root`."""
     import time
     import eval as E
-    t0, size, acc = time.time(), 168, {}
+    t0, size, acc, curves = time.time(), 168, {}, {}
     for seed in seeds:
         base_dir = os.path.join(root, f"seed{seed}")
         files = write_shortcut_data(os.path.join(base_dir, "data"), seed, n_train, n_test, size)
@@ -554,7 +556,8 @@ def run_shortcut(root: str = "shortcut", seeds: tuple = (1, 2, 3), sft_steps: in
         def stage(name, model, data, out, steps, *extra):
             if not os.path.isfile(os.path.join(out, "meta.json")):  # done already: a rerun continues
                 V.train(V.parse_args(["--stage", name, "--model", model, "--data", data, "--out", out,
-                                      "--max_steps", str(steps), "--resume", *common, *extra]))
+                                      "--max_steps", str(steps), "--resume", *common,
+                                      *([] if name == "sft" else VISS_FLAGS), *extra]))  # one RL budget for all
             return out
 
         d = lambda name: os.path.join(base_dir, name)  # noqa: E731
@@ -573,19 +576,45 @@ def run_shortcut(root: str = "shortcut", seeds: tuple = (1, 2, 3), sft_steps: in
             for split in ("consistent", "broken"):
                 for probe in ("none", "blind"):
                     acc.setdefault((method, split, probe), []).append(res[split][probe]["accuracy"])
-    table = shortcut_table(acc, seeds)
+            # training accuracy by step (Pretext-GRPO then GRPO: the pretext letter's, then the user answer's)
+            rows = (read_metrics(os.path.join(half, "metrics.jsonl")) if method.startswith("Pretext") else []) + \
+                read_metrics(os.path.join(ckpt, "metrics.jsonl"))
+            curves.setdefault(method, []).append([m["rewards/accuracy/mean"] for m in rows])
+    rising = {m: [still_rising(c) for c in cs] for m, cs in curves.items()}
+    table = shortcut_table(acc, seeds) + "\n\n" + training_table(curves, rising, seeds)
     with open(os.path.join(root, "results.json"), "w") as f:
         json.dump({"seeds": list(seeds), "minutes": (time.time() - t0) / 60, "sft_steps": sft_steps,
-                   "rl_steps": rl_steps, "accuracy": [{"method": m, "split": s, "probe": p, "per_seed": v}
-                                                      for (m, s, p), v in acc.items()]}, f, indent=2)
+                   "rl_steps": rl_steps, "rl_flags": RL_FLAGS + VISS_FLAGS,
+                   "accuracy": [{"method": m, "split": s, "probe": p, "per_seed": v} for (m, s, p), v in acc.items()],
+                   "training_accuracy": curves, "still_rising": rising}, f, indent=2)
     with open(os.path.join(root, "table.txt"), "w") as f:
         f.write(table + "\n")
     bars = {m: {f"{s}{'' if p == 'none' else ', blind'}": acc[m, s, p] for s in ("consistent", "broken")
                 for p in ("none", "blind")} for m in SHORTCUT_METHODS}
     with open(os.path.join(root, "shortcut.svg"), "w") as f:
         f.write(svg_bars(bars, f"Held-out accuracy (%), mean and range over seeds {', '.join(map(str, seeds))}"))
+    series = {m: list(enumerate(trailing_means([sum(v) / len(v) for v in zip(*cs)]), 1)) for m, cs in curves.items()}
+    with open(os.path.join(root, "shortcut_curves.svg"), "w") as f:
+        f.write(svg_chart(series, f"Training accuracy, 10-step trailing mean, mean of seeds {', '.join(map(str, seeds))}",
+                          "RL step (Pretext-GRPO then GRPO: the pretext letter, then the answer)", y_range=(0.0, 1.0)))
     V.print0(f"\n{table}\nshortcut experiment: {(time.time() - t0) / 60:.1f} min; {root}/shortcut.svg")
-    return {"accuracy": acc, "table": table, "minutes": (time.time() - t0) / 60}
+    return {"accuracy": acc, "table": table, "minutes": (time.time() - t0) / 60, "rising": rising}
+
+
+def still_rising(values: list[float], window: int = 50, by: float = 0.05) -> bool:
+    """Not flattened: the last `window` steps' mean is more than `by` above the `window` steps' before it."""
+    last, before = values[-window:], values[-2 * window:-window] or values[:1]
+    return sum(last) / len(last) - sum(before) / len(before) > by
+
+
+def training_table(curves: dict, rising: dict, seeds) -> str:
+    """Per method and seed: the training accuracy's mean over the last 50 steps, and whether it still rose."""
+    lines = [f"{'training accuracy, last 50 steps':<34}per seed ({', '.join(map(str, seeds))}); still rising "
+             f"(last 50 steps' mean > the 50 before + 0.05)?"]
+    for m, cs in curves.items():
+        lines.append(f"{m:<34}" + " ".join(f"{sum(c[-50:]) / len(c[-50:]):.2f}" for c in cs) + "   "
+                     + " ".join("RISING" if r else "flat" for r in rising[m]))
+    return "\n".join(lines)
 
 
 def shortcut_table(acc: dict, seeds) -> str:
@@ -625,6 +654,223 @@ def svg_bars(groups: dict[str, dict[str, list[float]]], title: str, width: int =
     return "\n".join(out + ["</svg>"]) + "\n"
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The fault-injection soak: a 2-process torchrun run killed, preempted and fed bad data at seeded random points
+# ---------------------------------------------------------------------------------------------------------
+
+PROCESS_FAULTS = ("kill_worker", "term_agent", "kill_in_save", "kill_in_export")
+DATA_FAULTS = ("media", "nan")
+
+
+def soak_worker(config: str, argv: list[str]) -> None:
+    """One rank of a soak run (`demo.py --soak_worker CONFIG viss_r1-args`): viss_r1.main with the soak's hooks
+    installed from the outside, the code under test unchanged. The hooks know the step they act in: a resumed run
+    starts counting at its checkpoint's step. Same in the reference run and the soak:
+      rewards    a hash of the completion text (the tiny random model's real rewards are almost all 0, so the
+                 weights would not move and any resume would look exact)
+      media      from step N on, a row's clip reads a truncated copy of the file (the real decoder fails on it)
+      nan        the loss of step M is multiplied by NaN
+    Only in the soak (from the environment of one launch): SIGKILL of this rank inside the sharded write of step
+    N (`kill_in_save`), or inside the final export into --out (`kill_in_export`)."""
+    import signal
+    import torch.distributed.checkpoint.filesystem as fs
+    with open(config) as f:
+        cfg = json.load(f)
+    rank, out = int(os.environ.get("RANK", 0)), argv[argv.index("--out") + 1]
+    with open(os.path.join(cfg["dir"], f"pid-{rank}"), "w") as f:  # the driver kills a worker by its pid
+        f.write(str(os.getpid()))
+    last = V.latest_checkpoint(out) if "--resume" in argv else None
+    step = {"samples": json.load(open(os.path.join(last, "meta.json")))["step"] if last else 0}
+    step["loss"] = step["samples"]
+
+    def fired(what: str) -> None:
+        with open(os.path.join(cfg["dir"], "fired.jsonl"), "a") as f:
+            f.write(json.dumps({"rank": rank, "fault": what}) + "\n")
+
+    def varied_rewards(completions, *a, **k):
+        r = [float(sum(map(ord, t)) % 3) for t in completions]
+        return r, {"varied": r}
+
+    real_samples, real_media, real_loss = V.next_samples, V.load_media, V.grpo_loss
+
+    def next_samples(*a, **k):  # called once a step, for the step after the one just trained
+        step["samples"] += 1
+        return real_samples(*a, **k)
+
+    def load_media(path, *a, **k):
+        for name, from_step in cfg["media"]:
+            if os.path.basename(path) == name and step["samples"] >= from_step:
+                fired(f"media {name} from step {from_step}")
+                path = os.path.join(cfg["dir"], "broken_" + name)
+        return real_media(path, *a, **k)
+
+    def grpo_loss(*a, **k):
+        step["loss"] += 1
+        if rank == 0:  # the driver times its kills by this
+            with open(os.path.join(cfg["dir"], "progress"), "w") as f:
+                f.write(str(step["loss"]))
+        loss, stats = real_loss(*a, **k)
+        if step["loss"] in cfg["nan"]:
+            fired(f"nan at step {step['loss']}")
+            loss = loss * float("nan")
+        return loss, stats
+
+    def die_after(count: int, test, real):
+        seen = []
+
+        def call(*a, **k):
+            result = real(*a, **k)
+            seen.append(test(a))
+            if sum(seen) == count and seen[-1]:
+                fired(os.environ["SOAK_DIE"])
+                os.kill(os.getpid(), signal.SIGKILL)
+            return result
+        return call
+
+    V.group_rewards, V.next_samples, V.load_media, V.grpo_loss = varied_rewards, next_samples, load_media, grpo_loss
+    die = os.environ.get("SOAK_DIE", "").split(":")  # kill_in_save:STEP:RANK or kill_in_export
+    if die[0] == "kill_in_save" and int(die[2]) == rank:
+        fs._write_item = die_after(2, lambda a: f".tmp-step-{int(die[1]):06d}" in getattr(a[1], "name", ""),
+                                   fs._write_item)
+    elif die[0] == "kill_in_export" and rank == 0:
+        os.replace = die_after(2, lambda a: ".tmp-export" in str(a[0]), os.replace)
+    V.main(argv)
+
+
+def run_soak(root: str = "soak", faults: int = 50, seed: int = 0, kinds: tuple = PROCESS_FAULTS + DATA_FAULTS,
+             drawn: list[str] | None = None, timeout: float = 300) -> dict:
+    """`python demo.py --soak 50`: train a tiny Qwen2.5-VL under `torchrun --nproc_per_node 2` (gloo) while
+    injecting `faults` faults of `kinds`, drawn with `seed`, restarting the same command with --resume after each:
+      kill_worker     SIGKILL to one worker, 1-3 steps after the launch's first, at a random moment in the step
+      term_agent      SIGTERM to the torchrun agent, the same way (a preemption: the step is saved, the run exits)
+      kill_in_save    SIGKILL to one rank inside its sharded write of a checkpoint, 1-3 steps on
+      kill_in_export  SIGKILL to rank 0 inside the final export into --out (these come last: at the run's end)
+      media           a clip that becomes unreadable from a random step on (both runs: see soak_worker)
+      nan             a non-finite loss at a random step (both runs)
+    `drawn`: these faults instead of random ones. The reference is the same command with the same data faults,
+    never interrupted. Prints and returns the faults injected and survived, steps lost and duplicated in
+    metrics.jsonl, and whether the final weights (and every step's logged loss and reward) are bit-identical to
+    the reference's."""
+    import random
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+    from safetensors.torch import load_file
+    t0, rng = time.time(), random.Random(seed)
+    shutil.rmtree(root, ignore_errors=True)
+    os.makedirs(root)
+    rl, _ = write_demo_data(os.path.join(root, "data"), n=16, size=56)
+    base = build_tiny_checkpoint(os.path.join(root, "base"), "qwen2_5_vl")
+    drawn = drawn or [rng.choice(kinds) for _ in range(faults)]
+    faults = len(drawn)
+    process = sorted((k for k in drawn if k in PROCESS_FAULTS), key=lambda k: k == "kill_in_export")
+    steps = max(8, 2 * len(process) + 4)
+    # a media fault: from a random step on, the clip rank 0 reads in that step (as its stream runs without skips)
+    stream, media = V.RowStream(V.load_rows(rl), seed, 0, 2), {}
+    reads = [os.path.basename(stream.next()[2]["path"]) for _ in range(steps)]  # rank 0's clip at step 1, 2, ..
+    for n in sorted(rng.sample(range(2, steps + 1), drawn.count("media"))):
+        media.setdefault(next((c for c in reads[n - 1:] + reads if c not in media), None), n)
+    media = sorted(media.items())
+    nan = sorted(rng.sample(range(2, steps + 1), drawn.count("nan")))
+    for name, _ in media:  # the unreadable copy: the first 200 bytes of the real file
+        with open(os.path.join(root, "data", "videos", name), "rb") as f, \
+                open(os.path.join(root, "broken_" + name), "wb") as g:
+            g.write(f.read(200))
+    config = os.path.join(root, "config.json")
+    with open(config, "w") as f:
+        json.dump({"dir": os.path.abspath(root), "media": media, "nan": nan}, f)
+    args = ["--stage", "viss", "--model", base, "--data", rl, "--media_root", os.path.join(root, "data"),
+            "--nframes", "4", "--video_min_pixels", "3136", "--video_max_pixels", "3136", "--num_generations", "4",
+            "--max_completion_length", "8", "--per_device_prompts", "1", "--learning_rate", "1e-3",
+            "--max_steps", str(steps), "--save_steps", "1", "--max_nonfinite", str(steps), "--max_bad_media", "0.9",
+            "--log_rollouts_every", "0", "--seed", str(seed)]
+    progress = os.path.join(root, "progress")
+
+    def launch(out: str, die: str = "") -> subprocess.Popen:  # the same command each time, --resume once begun
+        if os.path.exists(progress):
+            os.remove(progress)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+               os.path.abspath(__file__), "--soak_worker", config, *args, "--out", out,
+               *(["--resume"] if os.path.isdir(out) else [])]
+        with open(os.path.join(root, "launches.log"), "a") as log:
+            log.write(f"\n=== {time.strftime('%H:%M:%S')} {out} {die}\n")
+            return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                    env=dict(os.environ, OMP_NUM_THREADS="1", SOAK_DIE=die, PYTHONUNBUFFERED="1"))
+
+    def finish(proc) -> int:
+        try:
+            return proc.wait(timeout=timeout)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # whatever the agent left behind
+            except ProcessLookupError:
+                pass
+
+    def fired() -> list[str]:
+        path = os.path.join(root, "fired.jsonl")
+        return [json.loads(line)["fault"] for line in open(path)] if os.path.exists(path) else []
+
+    ref, out = os.path.join(root, "reference"), os.path.join(root, "run")
+    if finish(launch(ref)) != 0:
+        raise RuntimeError(f"the reference run failed: {root}/launches.log")
+    injected, launches = [], 0
+    for fault in process:
+        done, at, rank = int(os.path.basename(V.latest_checkpoint(out) or "step-0")[5:]), rng.randint(1, 3), \
+            rng.randint(0, 1)
+        n_fired, launches = len(fired()), launches + 1
+        if fault in ("kill_in_save", "kill_in_export"):
+            proc = launch(out, f"kill_in_save:{done + at}:{rank}" if fault == "kill_in_save" else fault)
+            hit = finish(proc) != 0 and len(fired()) > n_fired
+        else:
+            proc = launch(out)
+            while proc.poll() is None and (not os.path.exists(progress) or
+                                           int(open(progress).read() or 0) < done + at):
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0, 0.3))  # anywhere in the step: its backward, the next rollout, the save
+            hit = proc.poll() is None
+            if hit:
+                os.kill(int(open(os.path.join(root, f"pid-{rank}")).read()) if fault == "kill_worker" else proc.pid,
+                        signal.SIGKILL if fault == "kill_worker" else signal.SIGTERM)
+            hit = finish(proc) != 0 and hit
+        injected.append(fault if hit else fault + " (missed: the run had ended)")
+    resumes = 0
+    while True:  # then to the end, resuming as often as it takes
+        launches, resumes = launches + 1, resumes + 1
+        if finish(launch(out)) == 0:
+            break
+        if resumes > 3:
+            raise RuntimeError(f"the soak run does not finish after its faults: {root}/launches.log")
+    data_hits = set(f for f in fired() if f.startswith(("media", "nan")))
+    mine, theirs = read_metrics(os.path.join(out, "metrics.jsonl")), read_metrics(os.path.join(ref, "metrics.jsonl"))
+    seen = [m["step"] for m in mine]
+    wa, wb = load_file(os.path.join(ref, "model.safetensors")), load_file(os.path.join(out, "model.safetensors"))
+    res = {"faults": faults, "seed": seed, "steps": steps, "launches": launches,
+           "drawn": {k: drawn.count(k) for k in kinds},
+           "injected": sum(not f.endswith(")") for f in injected) + len(data_hits),
+           "missed": [f for f in injected if f.endswith(")")],
+           "data_faults_fired": sorted(data_hits),
+           "steps_lost": len(set(range(1, steps + 1)) - set(seen)), "steps_duplicated": len(seen) - len(set(seen)),
+           "metrics_identical": [(m["step"], m["loss"], m["reward"]) for m in mine]
+           == [(m["step"], m["loss"], m["reward"]) for m in theirs],
+           "weights_identical": wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa),
+           "skipped": {k: mine[-1][f"skipped/{k}"] for k in ("media", "nonfinite")},
+           "minutes": (time.time() - t0) / 60}
+    res["survived"] = res["injected"] if res["weights_identical"] and res["metrics_identical"] else 0
+    print(f"soak: {faults} faults drawn with seed {seed} ({', '.join(f'{k} {n}' for k, n in res['drawn'].items())}); "
+          f"{steps} steps, {launches} launches of torchrun --nproc_per_node 2, {res['minutes']:.1f} min\n"
+          f"faults injected: {res['injected']}, survived: {res['survived']}"
+          + (f"; missed: {', '.join(res['missed'])}" if res["missed"] else "") + "\n"
+          f"steps lost: {res['steps_lost']}, steps duplicated in metrics.jsonl: {res['steps_duplicated']}; rows "
+          f"skipped for unreadable media: {res['skipped']['media']}, updates skipped as non-finite: "
+          f"{res['skipped']['nonfinite']}\n"
+          f"final weights bit-identical to the reference (same command and data faults, uninterrupted): "
+          f"{'yes' if res['weights_identical'] else 'NO'}; every step's loss and reward: "
+          f"{'identical' if res['metrics_identical'] else 'DIFFERENT'}", flush=True)
+    return res
+
+
 def main(argv=None) -> dict:
     import argparse
     p = argparse.ArgumentParser(description="ViSS-R1 CPU demo (see the module docstring)")
@@ -638,7 +884,14 @@ def main(argv=None) -> dict:
     p.add_argument("--experiment", choices=("shortcut",), help="instead of the demo: the shortcut experiment "
                    "(GRPO, Pretext-GRPO then GRPO, ViSS-R1 on data whose wording predicts the answer)")
     p.add_argument("--seeds", default="1,2,3", help="with --experiment: the seeds (default: 1,2,3)")
+    p.add_argument("--soak", type=int, metavar="FAULTS", help="instead of the demo: the fault-injection soak with "
+                   "this many faults (kills, preemptions, bad media, a NaN) under torchrun with 2 processes")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--soak_worker"]:  # one rank of a soak run (run_soak launches it)
+        return soak_worker(argv[1], argv[2:])
     args = p.parse_args(argv)
+    if args.soak:
+        return run_soak(args.out if args.out != "out" else "soak", args.soak, args.seed if args.seed != 42 else 0)
     if args.experiment:
         return run_shortcut(args.out if args.out != "out" else "shortcut", tuple(int(s) for s in args.seeds.split(",")))
     if args.plot:

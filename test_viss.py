@@ -2091,11 +2091,22 @@ def test_shortcut_experiment_at_toy_size(tmp_path):
     res = D.run_shortcut(str(tmp_path / "sc"), seeds=(1,), sft_steps=2, rl_steps=2, n_train=8, n_test=4)
     keys = {(m, s, p) for m in D.SHORTCUT_METHODS for s in ("consistent", "broken") for p in ("none", "blind")}
     assert set(res["accuracy"]) == keys and all(len(v) == 1 and 0 <= v[0] <= 100 for v in res["accuracy"].values())
-    table = (tmp_path / "sc" / "table.txt").read_text().splitlines()
+    held_out, training = (tmp_path / "sc" / "table.txt").read_text().strip().split("\n\n")
+    table = held_out.splitlines()
     assert len(table) == 1 + len(keys) and all(any(line.startswith(m) for line in table) for m in D.SHORTCUT_METHODS)
+    assert [line.split("  ")[0] for line in training.splitlines()[1:]] == D.SHORTCUT_METHODS
     saved = json.load(open(tmp_path / "sc" / "results.json"))
     assert len(saved["accuracy"]) == len(keys) and saved["seeds"] == [1]
+    assert "--num_generations" in saved["rl_flags"]  # one budget: the demo's ViSS-R1 settings for every method
+    assert all(len(c) == 1 and len(c[0]) == 2 for c in saved["training_accuracy"].values())  # 2 RL steps each
     assert (tmp_path / "sc" / "shortcut.svg").read_text().count("<rect x=") >= 16
+    assert (tmp_path / "sc" / "shortcut_curves.svg").read_text().count("<polyline") == len(D.SHORTCUT_METHODS)
+
+
+def test_still_rising_compares_the_last_50_steps_with_the_50_before():
+    assert D.still_rising([0.0] * 50 + [0.06] * 50) and not D.still_rising([0.0] * 50 + [0.05] * 50)
+    assert not D.still_rising([0.2] * 30 + [1.0] * 100)  # flat at 1.0 over the last 100 steps
+    assert D.still_rising([0.0] * 100 + [0.0] * 25 + [0.5] * 25)  # the last 50 average 0.25
 
 
 def test_bench_tiny_preset_end_to_end(tmp_path):
@@ -3185,6 +3196,17 @@ def test_time_based_saves_interval_exports_and_eval_of_a_resume_checkpoint(demo,
     preds = [[json.loads(line)["output"] for line in open(d / "predictions_demo.jsonl")]
              for d in (out / "eval-step-000003", out / "eval")]
     assert len(preds[0]) == 3 and preds[0] == preds[1]
+
+
+def test_soak_survives_a_worker_kill_and_a_clip_gone_bad(tmp_path):
+    """The short soak (demo.py --soak): torchrun with 2 processes, one worker SIGKILLed mid-run and a clip that
+    becomes unreadable from a seeded step on; resumed with the same command, the run loses and repeats no step,
+    counts the skipped rows, and ends bit-identical to the uninterrupted run with the same bad clip."""
+    res = D.run_soak(str(tmp_path / "soak"), seed=1, drawn=["kill_worker", "media"])
+    assert res["faults"] == 2 and res["injected"] == res["survived"] == 2 and not res["missed"], res
+    assert res["data_faults_fired"] and res["data_faults_fired"][0].startswith("media")
+    assert res["steps_lost"] == res["steps_duplicated"] == 0 and res["launches"] == 2
+    assert res["weights_identical"] and res["metrics_identical"] and res["skipped"]["media"] >= 1
 
 
 def test_resume_names_what_changed_and_extends_max_steps(demo, tmp_path, capsys):
