@@ -109,9 +109,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--data is required")
     if not 0 <= args.shard_index < args.num_shards:
         p.error(f"--shard_index {args.shard_index} is not in 0..{args.num_shards - 1}")
-    for kind in ("video", "image"):
-        if getattr(args, f"{kind}_min_pixels") > getattr(args, f"{kind}_max_pixels"):
-            p.error(f"--{kind}_min_pixels is above --{kind}_max_pixels")
+    if why := V.bad_pixel_bounds(args):
+        p.error(why)
     if args.nframes and args.nframes < 2:
         p.error("--nframes must be 0 (2 fps) or at least 2")
     return args
@@ -244,7 +243,7 @@ def load_teacher(args, device, world):
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     spec = V.vision_spec(model.config, args.model if os.path.isdir(args.model) else None)
     eos_ids, pad_id = V.decoding_ids(model, tokenizer)
-    suppress = torch.isinf(V.vocab_bias(model, spec, "cpu")).nonzero().flatten().tolist()
+    suppress = torch.isinf(V.vocab_mask(model, spec, "cpu")).nonzero().flatten().tolist()
     if args.shard_teacher and world > 1:  # FSDP2 sets itself up on a first forward through the root, and
         model(input_ids=torch.tensor([[pad_id]], device=device))  # generate() encodes the media before its first
     return SimpleNamespace(model=model, tokenizer=tokenizer, spec=spec, eos_ids=eos_ids, pad_id=pad_id,

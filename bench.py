@@ -373,7 +373,7 @@ def bench_rollout(model, sample: V.Sample, p: Preset, repeats: int, warmup: int,
     without sampling). N = 1 is the prompt alone. Then ours and generate sample at top_p (temperature 1, no
     top_k) for N = 1 and the long N: decode ms per token = (t[N] - t[1]) / (N - 1)."""
     policy, G = V.Policy(model).eval(), p.G
-    bias, eos, pad = V.vocab_bias(model, V.vision_spec(model.config), device), never_eos(model), \
+    bias, eos, pad = V.vocab_mask(model, V.vision_spec(model.config), device), never_eos(model), \
         model.config.text_config.pad_token_id
     one = dict(input_ids=torch.tensor([sample.ids], device=device),
                mm_token_type_ids=torch.tensor([sample.types], device=device),
@@ -592,7 +592,7 @@ def step_worker(job: dict) -> dict:
     ref = V.Policy(build_model(job["skeleton"], p, device)).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6, weight_decay=0.01)
     spec, tokenizer = V.vision_spec(model.config, job["skeleton"]), AutoTokenizer.from_pretrained(job["skeleton"])
-    bias, eos = V.vocab_bias(model, spec, device), never_eos(model)
+    bias, eos = V.vocab_mask(model, spec, device), never_eos(model)
     step = lambda a, mem=None: grpo_step(policy, ref, optimizer, a, tokenizer, spec, bias, eos, p, device, mem)  # noqa
     modes = {m: step_args(p, job["frames"], G, N, m == "shared", job["media_root"]) for m in job["modes"]}
     # warm-up: on CPU a small step does it (thread pools, first calls; nothing is tuned per shape); on CUDA the
@@ -738,7 +738,7 @@ def check_greedy(ctx: dict) -> tuple[bool, str]:
     model, key = policy.model, ["sampler"]
     hook = model.model.language_model.register_forward_pre_hook(
         lambda mod, a, kw: seen[key[0]].append(kw["position_ids"][-3:].cpu()), with_kwargs=True)
-    eos, bias = never_eos(model), V.vocab_bias(model, spec, ctx["device"])
+    eos, bias = never_eos(model), V.vocab_mask(model, spec, ctx["device"])
     ours, _ = V.sample_group(policy, s, 1, 8, 1.0, 1.0, eos, tok.pad_token_id, bias, greedy=True)
     key[0] = "generate"
     theirs = __import__("eval").generate_batch(model, [s], eos, tok.pad_token_id, torch.isinf(bias).nonzero()
@@ -794,7 +794,7 @@ def accept_figures(ctx: dict) -> list[str]:
         policy.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ref = accept_policy(ctx)[0].eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6)
-    bias, eos = V.vocab_bias(policy.model, spec, device), never_eos(policy.model)
+    bias, eos = V.vocab_mask(policy.model, spec, device), never_eos(policy.model)
     row, bp, mem = dict(ROW, path=V.load_rows(ctx["rl"])[0]["path"]), replace(p, bf16=args.bf16), {}
     grpo_step(policy, ref, optimizer, args, tok, spec, bias, eos, bp, device, row=row)  # warm-up
     parts, _ = grpo_step(policy, ref, optimizer, args, tok, spec, bias, eos, bp, device, mem, row)

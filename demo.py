@@ -595,8 +595,9 @@ def run_shortcut(root: str = "shortcut", seeds: tuple = (1, 2, 3), sft_steps: in
         f.write(svg_bars(bars, f"Held-out accuracy (%), mean and range over seeds {', '.join(map(str, seeds))}"))
     series = {m: list(enumerate(trailing_means([sum(v) / len(v) for v in zip(*cs)]), 1)) for m, cs in curves.items()}
     with open(os.path.join(root, "shortcut_curves.svg"), "w") as f:
-        f.write(svg_chart(series, f"Training accuracy, 10-step trailing mean, mean of seeds {', '.join(map(str, seeds))}",
-                          "RL step (Pretext-GRPO then GRPO: the pretext letter, then the answer)", y_range=(0.0, 1.0)))
+        title = f"Training accuracy, 10-step trailing mean, mean of seeds {', '.join(map(str, seeds))}"
+        f.write(svg_chart(series, title, "RL step (Pretext-GRPO then GRPO: the pretext letter, then the answer)",
+                          y_range=(0.0, 1.0)))
     V.print0(f"\n{table}\nshortcut experiment: {(time.time() - t0) / 60:.1f} min; {root}/shortcut.svg")
     return {"accuracy": acc, "table": table, "minutes": (time.time() - t0) / 60, "rising": rising}
 

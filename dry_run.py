@@ -506,8 +506,12 @@ def run_plan(args: V.Args, world: int = 8, fake: bool = True, video_size: str | 
 
 def run_step(plan: Plan, args: V.Args, policy, ref, samples: list, tokenizer, spec, device, world: int,
              full_decode: bool) -> dict:
-    """train()'s step body with the same calls, in the same order, each phase entered in the plan."""
-    sft, G, C = args.stage == "sft", args.num_generations, args.max_completion_length
+    """One step of train(): viss_r1.grpo_step (or sft_step), the function train() calls, with a phase hook that
+    enters each phase in the plan. What a plan does differently, and only that: the AdamW state exists from a
+    steady-state setup step; AdamW runs foreach, as torch picks it for CUDA tensors; every completion is C tokens
+    long (Decoding, and the hook's "completions"); the gathers and agreements of ranks are local (every rank of
+    the fake group holds the same shapes)."""
+    sft, C = args.stage == "sft", args.max_completion_length
     for p in (policy, ref):  # sharded fp32 weights (DTensor local shards) and buffers
         for t in [*p.parameters(), *p.buffers()] if p is not None else []:
             plan.track(t, "parameters")
@@ -529,54 +533,20 @@ def run_step(plan: Plan, args: V.Args, policy, ref, samples: list, tokenizer, sp
         optimizer.zero_grad(set_to_none=True)
         for group in optimizer.param_groups:
             group["foreach"] = True
-        autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and world == 1)  # noqa
         eos_ids, pad_id = V.decoding_ids(policy.model, tokenizer)
-        bias = V.vocab_bias(policy.model, spec, device)
         banned = set(eos_ids) | {pad_id, spec.image_token_id, spec.video_token_id}
         filler = next(i for i in range(len(tokenizer)) if i not in banned)  # a plain text token
-        # ---- rollout: G completions per prompt from one shared prefill (train(): eval, no_grad, full_weights)
-        policy.eval()
-        rewards = [0.0] * (G * len(samples))
-        if not sft:
-            plan.enter("rollout: prefill")
-            dec = Decoding(plan, filler, eos_ids[0], C, full_decode)
-            with decoding(policy, dec), torch.no_grad(), autocast(), V.full_weights(policy):
-                rewards = V.rollout(policy, samples, args, tokenizer, eos_ids, pad_id, bias)["rewards"]
-        # what a full-length rollout returns: G rows of C tokens per prompt, no EOS (SFT: one target of C)
-        comps = [torch.full((1 if sft else G, C), filler, device=device) for _ in samples]
-        mask = V.pad_right([V.completion_mask(c, eos_ids) for c in comps], 0.0)
-        adv = None if sft else V.group_advantages(torch.tensor(rewards, device=device), G, args.scale_rewards)
-        policy.train()
-        ref_lp = old = None
-        if ref is not None and not sft:
-            plan.enter("reference forward")
-            with torch.no_grad(), autocast():
-                ref_lp = V.pad_right([V.sequence_logprobs(ref, s, c, args.temperature, bias, args.prefix_sharing)
-                                      for s, c in zip(samples, comps)], 0.0)
-                if world > 1:
-                    ref.reshard()
-        if args.num_iterations > 1 and not sft:
-            plan.enter("old log-probs")
-            with torch.no_grad(), autocast():
-                old = V.pad_right([V.sequence_logprobs(policy, s, c, args.temperature, bias, args.prefix_sharing)
-                                   for s, c in zip(samples, comps)], 0.0)
-        # ---- loss and optimizer step (one of --num_iterations: every one has the same shapes)
-        plan.enter("scoring forward")
-        with autocast():
-            logp = V.pad_right([V.sequence_logprobs(policy, s, c, 1.0 if sft else args.temperature,
-                                                    None if sft else bias, args.prefix_sharing)
-                                for s, c in zip(samples, comps)], 0.0)
-            if sft:
-                loss = -(logp * mask).sum() / mask.sum()
-            else:
-                loss, _ = V.grpo_loss(logp, old if old is not None else logp.detach(), adv, mask, ref_lp,
-                                      args.beta, args.epsilon, args.epsilon_high, args.loss_type, C)
-        plan.enter("backward")
-        loss.backward()
-        plan.enter("optimizer step")
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        run = V.Run(args, policy, ref, optimizer, V.make_scheduler(optimizer, args), tokenizer, eos_ids, pad_id,
+                    V.vocab_mask(policy.model, spec, device), 0, world, gather=lambda value: [value] * world,
+                    all_ranks=lambda flag: True)
+
+        def phase(name: str, value=None):
+            if name == "completions":  # what a full-length rollout returns: C tokens a row, no EOS
+                return dict(value, comps=[torch.full((c.shape[0], C), filler, device=device) for c in value["comps"]])
+            plan.enter(name)
+            return value
+        with decoding(policy, Decoding(plan, filler, eos_ids[0], C, full_decode)):
+            (V.sft_step if sft else V.grpo_step)(run, samples, phase)
         plan.enter(None)
     return {name: plan.peaks[name] for name in plan.order if name != "setup"}
 

@@ -107,9 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--nframes must be at least 2 and --batch_size at least 1")
     if unknown := set(args.probe_tasks.split(",")) - set(V.NUM_OPTIONS):
         p.error(f"unknown --probe_tasks {sorted(unknown)}; choose from {', '.join(V.NUM_OPTIONS)}")
-    for kind in ("video", "image"):
-        if (lo := getattr(args, f"{kind}_min_pixels")) > (hi := getattr(args, f"{kind}_max_pixels")):
-            p.error(f"--{kind}_min_pixels {lo} is above --{kind}_max_pixels {hi}")
+    if why := V.bad_pixel_bounds(args):
+        p.error(why)
     args.probes = ["none"] + [q for q in dict.fromkeys(args.probe) if q != "none"]  # the normal score always
     if args.out is None:  # a hub name gets a local folder, not one inside the hub id; a resume checkpoint (which
         step = os.path.normpath(args.ckpt)  # --save_total_limit deletes) one beside it: out/eval-step-000300
@@ -267,7 +266,7 @@ def load_checkpoint(path: str, device) -> SimpleNamespace:
     tokenizer = AutoTokenizer.from_pretrained(path)
     spec = V.vision_spec(model.config, path if os.path.isdir(path) else None)
     eos_ids, pad_id = V.decoding_ids(model, tokenizer)
-    bias = V.vocab_bias(model, spec, "cpu")  # -inf on the vision placeholders: never generated
+    bias = V.vocab_mask(model, spec, "cpu")  # -inf on the vision placeholders: never generated
     return SimpleNamespace(model=model, tokenizer=tokenizer, spec=spec, eos_ids=eos_ids, pad_id=pad_id,
                            suppress=torch.isinf(bias).nonzero().flatten().tolist())
 

@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import fields
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in these tests may touch the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -681,8 +682,9 @@ def test_scoring_encodes_media_once_same_values_and_gradients(tiny, kind):
     full_ids = torch.cat([torch.tensor([ids]).expand(G, -1), comp], 1)
     full_types = torch.tensor([types + [0] * 5])
     pos, _ = V.rope_positions(plain.model, full_ids[:1], full_types, vis)
-    lp_plain = plain(comp, 0.7, None, input_ids=full_ids, position_ids=pos.expand(3, G, -1),
-                     mm_token_type_ids=full_types.expand(G, -1), **{k: torch.cat([v] * G) for k, v in vis.items()})
+    h = plain.model.model(input_ids=full_ids, position_ids=pos.expand(3, G, -1), use_cache=False,  # G copies
+                          mm_token_type_ids=full_types.expand(G, -1), **{k: torch.cat([v] * G) for k, v in vis.items()})
+    lp_plain = V.token_logprobs(h.last_hidden_state[:, -6:-1], plain.model.lm_head.weight, comp, 0.7)
     assert torch.allclose(lp_fast, lp_plain, atol=1e-5)
     lp_fast.sum().backward()
     lp_plain.sum().backward()
@@ -826,7 +828,7 @@ def test_shared_prefix_greedy_equals_generate(demo, loaded, kind):
         vis = V.vision_inputs(media, spec)
         ids, types = V.prompt_ids(tok, "Describe.", media, spec, vis["image_grid_thw"][0].tolist())
         s = V.Sample(s.row, "r1", ids, types, vis, s.solution, s.problem_type)
-    eos, bias = _eos(tok, model), V.vocab_bias(model, spec, "cpu")
+    eos, bias = _eos(tok, model), V.vocab_mask(model, spec, "cpu")
     ours, _ = V.sample_group(V.Policy(model), s, 3, 12, 1.0, 1.0, eos, tok.pad_token_id, bias, greedy=True)
     suppress = [i for i in range(bias.numel()) if bias[i] < 0]
     ref = model.generate(input_ids=torch.tensor([s.ids]), mm_token_type_ids=torch.tensor([s.types]), **s.vis,
@@ -843,7 +845,7 @@ def test_shared_prefix_greedy_equals_generate(demo, loaded, kind):
 def test_sampling_logprobs_match_scoring_forward(demo, loaded, tau):
     model, tok, spec = loaded
     s = _sample(demo, loaded)
-    eos, bias = _eos(tok, model), V.vocab_bias(model, spec, "cpu")
+    eos, bias = _eos(tok, model), V.vocab_mask(model, spec, "cpu")
     gen = torch.Generator().manual_seed(0)
     policy = V.Policy(model)
     comp, lp = V.sample_group(policy, s, 4, 16, tau, 1.0, eos, tok.pad_token_id, bias, gen)
@@ -1110,7 +1112,7 @@ def test_release_defaults_sampling_and_pixels():
 
 
 def test_min_pixels_above_max_pixels_is_an_error(capsys):
-    for main, argv in ((V.parse_args, []), (E.parse_args, ["--ckpt", "x"])):
+    for main, argv in ((V.parse_args, []), (E.parse_args, ["--ckpt", "x"]), (N.parse_args, ["--data", "x"])):
         for kind in ("video", "image"):
             with pytest.raises(SystemExit):
                 main(argv + [f"--{kind}_min_pixels", "100352", f"--{kind}_max_pixels", "12544"])
@@ -1597,7 +1599,8 @@ def test_torchrun_resume_after_sigkill(demo, tmp_path):
         assert r.returncode == 0 and "resumed from" in r.stdout + r.stderr, r.stderr[-3000:]
         wa, wb = load_file(a / "model.safetensors"), load_file(out / "model.safetensors")
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
-        assert [(m["reward"], m["loss"]) for m in read_metrics(a)] == [(m["reward"], m["loss"]) for m in read_metrics(out)]
+        got, want = read_metrics(out), read_metrics(a)
+        assert [(m["reward"], m["loss"]) for m in want] == [(m["reward"], m["loss"]) for m in got]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -2656,6 +2659,88 @@ def test_eval_and_sharded_annotate_when_one_rank_cannot_read_its_rows(evalset, t
     assert sorted(f["source_index"] for f in failed) == [3, 4] and "aspect ratio of 2x448" in failed[0]["error"]
 
 
+@pytest.mark.parametrize("cuda", [False, True])
+def test_args_built_in_code_equal_the_parsed_flags(cuda):
+    """Args(stage=s) is complete without parse_args (stage presets, device defaults, epsilon_high) and equals the
+    parsed flags field by field; it holds no attribute that is not a field."""
+    for stage in V.STAGES:
+        built, parsed = V.Args(stage=stage, cuda=cuda), V.parse_args(["--stage", stage], cuda=cuda)
+        assert all(getattr(built, f.name) == getattr(parsed, f.name) for f in fields(V.Args)), stage
+        assert built == parsed and set(vars(built)) == {f.name for f in fields(V.Args)}
+        assert None not in (built.beta, built.nframes, built.epsilon_high, built.bf16, built.gradient_checkpointing)
+        assert built.bf16 is cuda and built.nframes == {"viss": 32}.get(stage, 16)
+
+
+def copied(fn):
+    """`fn`'s source, run in a fresh namespace holding only torch, torch.nn.functional as F, math and the names its
+    docstring lists after "Uses:" (compiled as viss_r1.py is, with postponed annotations)."""
+    import __future__
+    import inspect
+    uses = re.search(r"Uses: ([^\n]*)", fn.__doc__).group(1)
+    names = {n: getattr(V, n) for n in re.findall(r"[A-Za-z_]\w*", uses) if hasattr(V, n) and n != "torch"}
+    space = {"torch": torch, "F": torch.nn.functional, "math": math, **names}
+    exec(compile(inspect.getsource(fn), f"<copy of {fn.__name__}>", "exec", __future__.annotations.compiler_flag,
+                 dont_inherit=True), space)
+    return space[fn.__name__]
+
+
+def test_the_step_s_pieces_run_alone(demo, loaded):
+    """token_logprobs, grpo_loss, sequence_logprobs and rollout copied out of viss_r1.py (inspect.getsource) with
+    only what their docstrings list give what they give in place; a Sample seeds its own sampling (make_sample's
+    pos), so two prompts of one rollout draw differently."""
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(2, 5, 8, generator=g), torch.randn(11, 8, generator=g)
+    t = torch.randint(0, 11, (2, 5), generator=g)
+    mask = torch.zeros(11).index_fill_(0, torch.tensor([3]), float("-inf"))
+    assert torch.equal(copied(V.token_logprobs)(h, w, t, 0.7, 4, mask), V.token_logprobs(h, w, t, 0.7, 4, mask))
+    logp, old, adv, m = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g), torch.randn(4), torch.ones(4, 6)
+    for loss_type in ("grpo", "dapo"):
+        a = copied(V.grpo_loss)(logp, old, adv, m, old, 0.04, 0.2, 0.28, loss_type, 6, torch.tensor(12.0))
+        b = V.grpo_loss(logp, old, adv, m, old, 0.04, 0.2, 0.28, loss_type, 6, torch.tensor(12.0))
+        assert torch.equal(a[0], b[0]) and a[1] == b[1]
+    model, tok, spec = loaded
+    policy, eos = V.Policy(model), _eos(tok, model)
+    args = V.parse_args(["--stage", "viss", "--media_root", demo["media"], *SMALL])
+    rows = V.load_rows(demo["rl"])[:2]
+    samples = [V.make_sample(r, args, spec, tok, random.Random(0), pos=i) for i, r in enumerate(rows)]
+    assert [s.pos for s in samples] == [0, 1]
+    comp = torch.randint(10, 100, (3, 5), generator=g)
+    with torch.no_grad():
+        for shared in (True, False):
+            assert torch.equal(copied(V.sequence_logprobs)(policy, samples[0], comp, 1.0, mask_of(model, spec), shared),
+                               V.sequence_logprobs(policy, samples[0], comp, 1.0, mask_of(model, spec), shared))
+        a = copied(V.rollout)(policy, samples, args, tok, eos, tok.pad_token_id, mask_of(model, spec))
+        b = V.rollout(policy, samples, args, tok, eos, tok.pad_token_id, mask_of(model, spec))
+    assert all(torch.equal(x, y) for x, y in zip(a["comps"], b["comps"])) and a["rewards"] == b["rewards"]
+    same = [V.make_sample(rows[0], args, spec, tok, random.Random(0), pos=i) for i in (0, 1)]  # one row twice
+    with torch.no_grad():
+        twice = V.rollout(policy, same, args, tok, eos, tok.pad_token_id, mask_of(model, spec))["comps"]
+    assert not torch.equal(twice[0], twice[1])  # seeded by position, not by the row
+
+
+def mask_of(model, spec):
+    return V.vocab_mask(model, spec, "cpu")
+
+
+def test_a_change_to_the_step_shows_in_the_plan(demo, monkeypatch):
+    """dry_run.py plans by running viss_r1.grpo_step itself: a 64 MiB tensor the loss keeps (a test hook on
+    grpo_loss, which the step calls) raises the planned backward and optimizer step by 64 MiB, the scoring forward
+    by up to that, and leaves the rollout's phases as they were, with no edit to dry_run.py."""
+    base = DR.run_plan(dry_args(demo), world=2)
+    real, kept = V.grpo_loss, []
+
+    def grpo_loss(logp, *a, **k):
+        kept.append(torch.empty(64 << 20, dtype=torch.uint8, device=logp.device))
+        return real(logp, *a, **k)
+    monkeypatch.setattr(V, "grpo_loss", grpo_loss)
+    more = DR.run_plan(dry_args(demo), world=2)
+    assert base["order"] == more["order"]
+    grew = {p: more["phases"][p]["total"] - base["phases"][p]["total"] for p in base["order"]}
+    assert grew["backward"] == grew["optimizer step"] == 64 << 20, grew  # alive from the loss to the step's end
+    assert 0 < grew["scoring forward"] <= 64 << 20  # allocated after the forward's own peak
+    assert grew["rollout: prefill"] == grew["rollout: decode"] == 0
+
+
 def test_precision_defaults_are_the_paper_s_on_cuda_and_float32_on_cpu(monkeypatch):
     """`torchrun ... viss_r1.py --data train.json --media_root data/` (no precision flags) trains as the paper does
     on a GPU (bf16, gradient checkpointing) and in float32 without checkpointing on CPU; explicit flags win; an
@@ -2869,7 +2954,7 @@ def test_every_path_feeds_the_language_model_the_pretrained_positions(demo, load
                                       second_per_grid_ts=s.vis["second_per_grid_ts"])[0][:, 0]
     assert (theirs[:, -1] < ref[:, P - 1]).all()
     policy = V.Policy(copy.deepcopy(model))
-    eos, bias = _eos(tok, model), V.vocab_bias(model, spec, "cpu")
+    eos, bias = _eos(tok, model), V.vocab_mask(model, spec, "cpu")
     seen, h = _capture_positions(policy.model)
     comp, _ = V.sample_group(policy, s, 2, C, 1.0, 1.0, [-1], tok.pad_token_id, bias, greedy=True)  # never stops
     h.remove()

@@ -66,7 +66,7 @@ import sys
 import time
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import InitVar, dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -78,10 +78,10 @@ import torch.nn.functional as F
 
 # The paper's settings per stage (SPEC §1, §4-§6): every other default is shared.
 STAGES = {
-    "pretext": dict(prompt="pretext", beta=0.04, nframes=16),  # reward: letter + format (+ length)
-    "viss": dict(prompt="viss", beta=0.0, nframes=32),  # accuracy + 0.5 transform + format (+ length)
-    "grpo": dict(prompt="r1", beta=0.04, nframes=16),  # Video-R1 baseline, optional --temporal
-    "sft": dict(prompt="sft", beta=0.0, nframes=16),  # cold start on COT rows
+    "pretext": dict(beta=0.04, nframes=16),  # pretext prompt; reward: letter + format (+ length)
+    "viss": dict(beta=0.0, nframes=32),  # viss prompt; accuracy + 0.5 transform + format (+ length)
+    "grpo": dict(beta=0.04, nframes=16),  # Video-R1's r1 prompt, optional --temporal
+    "sft": dict(beta=0.0, nframes=16),  # cold start on COT rows
 }
 
 
@@ -153,6 +153,10 @@ class Args:
     max_nonfinite: int = arg(10, "stop after this many skipped non-finite updates")
     report_to: str = arg("none", "also send every metrics row to TensorBoard (<out>/tensorboard) or Weights & "
                          "Biases; the package is imported only then", ("none", "tensorboard", "wandb"))
+    cuda: InitVar[bool | None] = None  # not a flag: the DEVICE_DEFAULTS' device (None: whether a GPU is visible)
+
+    def __post_init__(self, cuda: bool | None):  # complete however it is built: Args(stage="sft") == parse_args
+        fill_defaults(self, cuda)
 
 
 def fill_defaults(args: Args, cuda: bool | None = None) -> Args:
@@ -181,7 +185,7 @@ def parse_args(argv=None, cuda: bool | None = None) -> Args:
         else:
             base = next(t for t in typing.get_args(hint) if t is not type(None)) if typing.get_args(hint) else hint
             p.add_argument(f"--{f.name}", type=base, **kw)
-    args = fill_defaults(Args(**vars(p.parse_args(argv))), cuda)
+    args = Args(**vars(p.parse_args(argv)), cuda=cuda)
     tasks = args.pretext_tasks.split(",")
     if unknown := [t for t in tasks if t not in NUM_OPTIONS]:
         p.error(f"unknown --pretext_tasks {unknown}; choose from {', '.join(NUM_OPTIONS)}")
@@ -189,9 +193,8 @@ def parse_args(argv=None, cuda: bool | None = None) -> Args:
         p.error(f"--nframes {args.nframes}: the shuffle task needs a multiple of 4 (or drop it from --pretext_tasks)")
     if args.stage != "sft" and args.num_generations < 2:
         p.error("--num_generations must be at least 2: advantages compare completions within a group")
-    for kind in ("video", "image"):
-        if (lo := getattr(args, f"{kind}_min_pixels")) > (hi := getattr(args, f"{kind}_max_pixels")):
-            p.error(f"--{kind}_min_pixels {lo} is above --{kind}_max_pixels {hi}")
+    if why := bad_pixel_bounds(args):
+        p.error(why)
     return args
 
 # ---------------------------------------------------------------------------------------------------------
@@ -222,7 +225,7 @@ def shard(policy, bf16: bool, device: torch.device) -> None:
     """FSDP2: one unit per decoder layer and vision block (_no_split_modules) plus the root, bf16 compute with float32
     master weights and reductions. `policy`: a Policy, or a model called directly (a sharded teacher's generate)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else torch.float32, reduce_dtype=torch.float32)
     model = policy.model if isinstance(policy, Policy) else policy
@@ -230,6 +233,8 @@ def shard(policy, bf16: bool, device: torch.device) -> None:
     for module in [m for m in model.modules() if type(m).__name__ in blocks] + [model.model.visual]:
         fully_shard(module, mesh=mesh, mp_policy=mp)  # the vision tower too: generate() runs it outside forward
     fully_shard(policy, mesh=mesh, mp_policy=mp)
+    for method in ("score_rows", "score_packed") if isinstance(policy, Policy) else ():  # the root's hooks run for
+        register_fsdp_forward_method(policy, method)  # forward only: the other entry points are registered
 
 
 class full_weights:
@@ -474,6 +479,12 @@ def fit_media(media: Media, spec: VisionSpec, min_pixels: int, max_pixels: int) 
 def pixel_bounds(args, kind: str) -> tuple[int, int]:
     """(min, max) pixels per frame for "video" or "image" rows, from --{video,image}_{min,max}_pixels."""
     return getattr(args, f"{kind}_min_pixels"), getattr(args, f"{kind}_max_pixels")
+
+
+def bad_pixel_bounds(args) -> str | None:
+    """What is wrong with the four pixel-bound flags (viss_r1.py's, eval.py's and annotate.py's), or None."""
+    return next((f"--{k}_min_pixels {lo} is above --{k}_max_pixels {hi}" for k in ("video", "image")
+                 if (lo := pixel_bounds(args, k)[0]) > (hi := pixel_bounds(args, k)[1])), None)
 
 
 def vision_inputs(media: Media, spec: VisionSpec) -> dict:
@@ -919,26 +930,27 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
 
 
 def _chunk_logp(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
-                bias: torch.Tensor | None) -> torch.Tensor:
+                logit_mask: torch.Tensor | None) -> torch.Tensor:
     logits = (hidden @ weight.T).float()  # [n, V], float32 only for this chunk
     logits.div_(temperature)  # in place (matmul saves its inputs, not its output): one [n, V] buffer
-    if bias is not None:
-        logits.add_(bias)
+    if logit_mask is not None:
+        logits.add_(logit_mask)
     # log_softmax keeps only its output for backward (logsumexp would keep input and output)
     return torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
 
 
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                   chunk_size: int = 1024, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """log softmax(h·Wᵀ / τ + bias)[target] for each position, never holding [N, vocab] float32 logits at once.
+                   chunk_size: int = 1024, logit_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """log softmax(h·Wᵀ / τ + logit_mask)[target] per position, never holding [N, vocab] float32 logits at once.
     hidden [..., D] (the states that predict `targets`), weight [V, D] (lm_head), targets [...] -> float32 [...];
-    bias [V] (optional): -inf on tokens the policy may not emit. Each chunk is recomputed in backward, so backward
-    also peaks at one chunk (full float32 logits of 8 x 768 tokens at Qwen's 151,936-token vocabulary: 3.7 GB)."""
+    logit_mask [V] (optional, added to the logits): 0 on tokens the policy may emit, -inf on the others. Each chunk
+    is recomputed in backward, so backward also peaks at one chunk (full float32 logits of 8 x 768 tokens at
+    Qwen's 151,936-token vocabulary: 3.7 GB). Uses: functools, _chunk_logp."""
     shape, h, t = targets.shape, hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     chunk = functools.partial(torch.utils.checkpoint.checkpoint, _chunk_logp, use_reentrant=False) if grad \
         else _chunk_logp
-    out = [chunk(h[i:i + chunk_size], weight, t[i:i + chunk_size], temperature, bias)
+    out = [chunk(h[i:i + chunk_size], weight, t[i:i + chunk_size], temperature, logit_mask)
            for i in range(0, t.numel(), chunk_size)]
     return torch.cat(out).view(shape) if out else hidden.new_zeros(shape, dtype=torch.float32)
 
@@ -952,12 +964,15 @@ def completion_mask(completion_ids: torch.Tensor, eos_id: int | list[int]) -> to
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
               ref_logp: torch.Tensor | None = None, beta: float = 0.0, eps_low: float = 0.2, eps_high: float = 0.2,
-              loss_type: str = "grpo", max_completion_length: int | None = None) -> tuple[torch.Tensor, dict]:
+              loss_type: str = "grpo", max_completion_length: int | None = None,
+              dapo_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Clipped GRPO surrogate with an optional k3 KL penalty, per-token tensors [B, L], advantages [B].
     l_t = -min(r_t·A, clip(r_t, 1-eps_low, 1+eps_high)·A) + beta·(exp(x) - x - 1),  r_t = exp(logp - old_logp),
     x = ref_logp - logp (clamped to [-10, 10] as in the release; only extreme mismatches reach the clamp).
     Aggregation (TRL's names): grpo = mean over sequences of the per-sequence token mean (the paper); bnpo = token
-    mean over the batch; dr_grpo = sum / (B · max_completion_length); dapo = sum / (all ranks' tokens / world)."""
+    mean over the batch; dr_grpo = sum / (B · max_completion_length); dapo = sum / dapo_tokens, all ranks'
+    completion tokens / world (the caller sums them over ranks: global_tokens; default: this batch's tokens).
+    Uses: torch only (no collective)."""
     ratio, A = torch.exp(logp - old_logp), advantages[:, None]
     per_token = -torch.min(ratio * A, ratio.clamp(1 - eps_low, 1 + eps_high) * A)
     kl = None
@@ -975,11 +990,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     elif loss_type == "dr_grpo":
         loss = (per_token * m).sum() / (m.shape[0] * (max_completion_length or m.shape[1]))
     elif loss_type == "dapo":
-        tokens, world = m.sum().detach(), 1
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            world = torch.distributed.get_world_size()
-            torch.distributed.all_reduce(tokens)  # global token count, so every rank divides by the same
-        loss = (per_token * m).sum() / (tokens / world).clamp(min=1)
+        loss = (per_token * m).sum() / (m.sum() if dapo_tokens is None else dapo_tokens).clamp(min=1)
     else:
         raise ValueError(f"loss_type must be grpo, bnpo, dr_grpo or dapo, got {loss_type!r}")
     with torch.no_grad():  # logging only
@@ -990,6 +1001,14 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
                  "clip_ratio/region_mean": (((low + high) * m).sum() / n).item(),
                  "kl": ((kl * m).sum() / n).item() if kl is not None else 0.0}
     return loss, stats
+
+def global_tokens(mask: torch.Tensor) -> torch.Tensor:
+    """dapo's denominator: every rank's completion tokens summed (an all_reduce under torchrun), / world."""
+    tokens = mask.sum().detach()
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tokens)  # every rank divides by the same number
+        tokens = tokens / torch.distributed.get_world_size()
+    return tokens
 
 # ---------------------------------------------------------------------------------------------------------
 # Data (SPEC §7): Video-R1 JSON / JSONL rows, validated before the first step
@@ -1085,16 +1104,17 @@ class Sample:
     option: int | None = None
     target: str | None = None  # SFT: the assistant text to imitate
     shuffled_vis: dict | None = None  # T-GRPO: the same clip with its frames permuted
-    pos: int = 0  # global position in the row stream: seeds this prompt's sampling on any world size
+    pos: int = 0  # global position in the row stream (make_sample): seeds its sampling on any world size
 
     @property
     def letter(self) -> str | None:
         return LETTERS[self.option] if self.option is not None else None
 
 
-def make_sample(row: dict, args: Args, spec: VisionSpec, tokenizer, rng: random.Random) -> Sample:
-    """Everything one rollout needs from a row; MediaError (callers skip and count it): unreadable or too few frames."""
-    mode, kind = STAGES[args.stage]["prompt"], row["data_type"]
+def make_sample(row: dict, args: Args, spec: VisionSpec, tokenizer, rng: random.Random, pos: int = 0) -> Sample:
+    """Everything one rollout needs from a row at stream position `pos` (it seeds the row's sampling); MediaError
+    (callers skip and count it): unreadable or too few frames."""
+    mode, kind = {"grpo": "r1"}.get(args.stage, args.stage), row["data_type"]  # the stage's prompt
     path = resolve_path(row["path"], args.media_root)
     replay = row if mode == "sft" else {}  # an SSL-CoT row stores the frame count and size its teacher saw
     nframes, bounds = replay.get("nframes", args.nframes), pixel_bounds(args, kind)
@@ -1131,7 +1151,7 @@ def make_sample(row: dict, args: Args, spec: VisionSpec, tokenizer, rng: random.
     ids, types = prompt_ids(tokenizer, text, media, spec, grid, system)
     if shuffled is not None:
         shuffled = vision_inputs(fit_media(shuffled, spec, *bounds), spec)
-    return Sample(row, mode, ids, types, vis, solution, ptype, task, option, target, shuffled)
+    return Sample(row, mode, ids, types, vis, solution, ptype, task, option, target, shuffled, pos)
 
 
 class RowStream:
@@ -1156,8 +1176,12 @@ class RowStream:
 # ---------------------------------------------------------------------------------------------------------
 
 class Policy(torch.nn.Module):
-    """The VLM behind one forward(), so that FSDP2's root and layer hooks run on every call: a sampler step (no
-    `completion`) returns float32 last-position logits and the KV cache, a scoring call the token log-probs."""
+    """The VLM with one entry point per use, each on FSDP2's hooked path (forward runs the root's hooks; shard()
+    registers the two scoring methods with register_fsdp_forward_method):
+      forward        a sampler step: float32 next-token logits [B, V] and the KV cache
+      score_rows     log-probs [G, C] of G completions as G rows [prompt; c_g] (the vision tower runs once)
+      score_packed   log-probs [G, C] of G completions packed as ONE sequence [prompt; c_1; ...; c_G]
+    Every path returns hidden states from the Qwen*VLModel, never full-vocabulary logits."""
 
     def __init__(self, model):
         super().__init__()
@@ -1169,24 +1193,30 @@ class Policy(torch.nn.Module):
         model.config.get_text_config()._attn_implementation = "prefix_sdpa"
         use_pretrained_positions(model)  # every forward (and generate) places tokens as the model was pretrained
 
-    def forward(self, completion=None, temperature: float = 1.0, bias=None, rows: int = 1, prefix: int = 0, **inputs):
-        if rows > 1 or prefix:  # `rows` sequences share one image/clip: run the vision tower once, tile its features
-            inputs["mm_encoder_outputs"] = self.encode_once(inputs, rows)
-        if prefix:  # one packed group [prompt; c_1; ...; c_G]: the kwarg reaches every layer's attention call
-            inputs["shared_prefix"] = (prefix, completion.shape[0])
-        if completion is not None:  # scoring: no KV cache (the config's default would keep one, unused)
-            inputs["use_cache"] = False
-        out = self.model.model(**inputs)  # the Qwen*VLModel: hidden states, never full-vocabulary logits
-        h = out.last_hidden_state  # [B, L, D]
-        if completion is None:  # [B, V] logits of the next token, and the cache [B, kv_heads, L, d] per layer
-            return self.model.lm_head(h[:, -1]).float(), out.past_key_values
+    def forward(self, **inputs) -> tuple[torch.Tensor, object]:
+        out = self.model.model(**inputs)
+        return self.model.lm_head(out.last_hidden_state[:, -1]).float(), out.past_key_values  # [B, V], the cache
+
+    def score_rows(self, completion: torch.Tensor, temperature: float, logit_mask, **inputs) -> torch.Tensor:
         G, C = completion.shape
-        if prefix:  # token t > 0 of completion g is predicted at P + g·C + t - 1, every first token at P - 1
-            at = torch.arange(G * C, device=h.device).view(G, C) * (torch.arange(C, device=h.device) > 0)
-            h = h[0, prefix - 1 + at]  # [G, C, D]
-        else:
-            h = h[:, -C - 1:-1]  # positions P-1 .. P+C-2 predict the C completion tokens
-        logp = token_logprobs(h, self.model.lm_head.weight, completion, temperature, bias=bias)
+        if G > 1:  # the G rows share one image/clip: its vision features once, tiled
+            inputs["mm_encoder_outputs"] = self.encode_once(inputs, G)
+        h = self.model.model(**inputs, use_cache=False).last_hidden_state  # [G, P + C, D]
+        return self.logprobs(h[:, -C - 1:-1], completion, temperature, logit_mask)  # positions P-1 .. P+C-2
+
+    def score_packed(self, completion: torch.Tensor, temperature: float, logit_mask, prefix: int,
+                     **inputs) -> torch.Tensor:
+        (G, C), P = completion.shape, prefix
+        inputs["mm_encoder_outputs"] = self.encode_once(inputs, 1)
+        # shared_prefix reaches every layer's attention call (prefix_attention)
+        h = self.model.model(**inputs, use_cache=False, shared_prefix=(P, G)).last_hidden_state[0]  # [P + G·C, D]
+        starts = P + C * torch.arange(G, device=h.device)[:, None]  # [G, 1]: where completion g begins
+        before = starts + torch.arange(C, device=h.device) - 1  # [G, C]: the state before each token predicts it,
+        before[:, 0] = P - 1  # [G, C]: except a completion's first token, which follows the prompt's last
+        return self.logprobs(h[before], completion, temperature, logit_mask)  # h[before]: [G, C, D]
+
+    def logprobs(self, h: torch.Tensor, completion: torch.Tensor, temperature: float, logit_mask) -> torch.Tensor:
+        logp = token_logprobs(h, self.model.lm_head.weight, completion, temperature, logit_mask=logit_mask)
         return logp.clone()  # not a view: FSDP2 hooks the output for backward, and views lose the hook
 
     def encode_once(self, inputs: dict, rows: int) -> dict:
@@ -1218,18 +1248,23 @@ def prefix_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     (P, G), (_, H, L, d), kv = shared_prefix, query.shape, key.shape[1]
-    C, r = (L - P) // G, H // kv  # r query heads share one key/value head (GQA)
-    sdpa = lambda q, k, v, **kw: F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, **kw)  # noqa
-    out_p = sdpa(query[:, :, :P], key[:, :, :P], value[:, :, :P], is_causal=True, enable_gqa=True)  # [1, H, P, d]
-    own = lambda x: x[0, :, P:].unflatten(1, (G, C)).transpose(0, 1)  # [1, h, G·C, d] -> [G, h, C, d]  # noqa
-    k, v = (torch.cat([x[:, :, :P].expand(G, -1, -1, -1), own(x)], 2) for x in (key, value))  # [G, kv, P + C, d]
-    # fold the r query heads of each key/value head into the query length: no [G, H, P + C, d] key copies
-    q = own(query).reshape(G, kv, r * C, d)
-    mask = torch.ones(C, P + C, dtype=torch.bool, device=query.device).tril(P).repeat(r, 1)  # key j <= P + row
+    C, r = (L - P) // G, H // kv  # completion length; r query heads share one key/value head (GQA)
+    # 1. the prompt attends to itself, causally
+    out_prompt = F.scaled_dot_product_attention(query[:, :, :P], key[:, :, :P], value[:, :, :P], dropout_p=dropout,
+                                                scale=scaling, is_causal=True, enable_gqa=True)  # [1, H, P, d]
+    # 2. the completions as a batch of G, each attending to the prompt's keys and to its own
+    q = query[0, :, P:].unflatten(1, (G, C)).transpose(0, 1)  # [H, G·C, d] -> [G, H, C, d]
+    k_own = key[0, :, P:].unflatten(1, (G, C)).transpose(0, 1)  # [G, kv, C, d]
+    v_own = value[0, :, P:].unflatten(1, (G, C)).transpose(0, 1)  # [G, kv, C, d]
+    k = torch.cat([key[:, :, :P].expand(G, -1, -1, -1), k_own], 2)  # [G, kv, P + C, d]
+    v = torch.cat([value[:, :, :P].expand(G, -1, -1, -1), v_own], 2)  # [G, kv, P + C, d]
+    q = q.reshape(G, kv, r * C, d)  # the r query heads of each kv head folded into the query length: no key copies
+    mask = torch.ones(C, P + C, dtype=torch.bool, device=query.device).tril(P).repeat(r, 1)  # [r·C, P + C]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)  # [G, kv, r·C, d]
     # reshape, not view: CUDA's flash / memory-efficient / cuDNN kernels return [G, r·C, kv, d] memory seen as
     # [G, kv, r·C, d], which cannot be viewed as [G, H, C, d] when r > 1 (the CPU kernel's output can)
-    out_c = sdpa(q, k, v, attn_mask=mask).reshape(G, H, C, d)
-    return torch.cat([out_p.transpose(1, 2), out_c.transpose(1, 2).reshape(1, G * C, H, d)], 1), None
+    out = out.reshape(G, H, C, d).transpose(1, 2).reshape(1, G * C, H, d)  # [G, H, C, d] -> [1, G·C, H, d]
+    return torch.cat([out_prompt.transpose(1, 2), out], 1), None  # [1, P + G·C, H, d]
 
 
 def mrope_positions(config, input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor, image_grid_thw=None,
@@ -1289,14 +1324,15 @@ def rope_positions(model, ids: torch.Tensor, types: torch.Tensor, vis: dict) -> 
     return model.model.get_rope_index(ids, mm_token_type_ids=types, **kw)
 
 
-def vocab_bias(model, spec: VisionSpec, device) -> torch.Tensor:
-    """0 everywhere, -inf on vision placeholder and start/end tokens: one in a completion breaks the next forward."""
+def vocab_mask(model, spec: VisionSpec, device) -> torch.Tensor:
+    """The additive logit mask [V]: 0 everywhere, -inf on vision placeholder and start/end tokens (one in a
+    completion breaks the next forward)."""
     cfg = model.config
-    bias = torch.zeros(cfg.get_text_config().vocab_size, device=device)
+    mask = torch.zeros(cfg.get_text_config().vocab_size, device=device)
     for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
         if getattr(cfg, name, None) is not None:
-            bias[getattr(cfg, name)] = float("-inf")
-    return bias
+            mask[getattr(cfg, name)] = float("-inf")
+    return mask
 
 
 def decoding_ids(model, tokenizer) -> tuple[list[int], int]:
@@ -1331,11 +1367,11 @@ def _sample_token(logp: torch.Tensor, top_p: float, generator, tries: int = 4) -
 
 @torch.no_grad()
 def sample_group(policy: Policy, sample: Sample, G: int, max_new_tokens: int, temperature: float, top_p: float,
-                 eos_ids: list[int], pad_id: int, bias: torch.Tensor, generator=None, greedy: bool = False,
+                 eos_ids: list[int], pad_id: int, logit_mask: torch.Tensor, generator=None, greedy: bool = False,
                  vis: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """G completions of one prompt -> (ids [G, C], pad_id after EOS; sampling log-probs [G, C] = log_softmax(logits
     / τ) at the sampled tokens). Vision tower and prompt prefill run ONCE, then the KV cache is repeated G times."""
-    device = bias.device
+    device = logit_mask.device
     vis = {k: v.to(device) for k, v in (vis or sample.vis).items()}
     ids, types = torch.tensor([sample.ids], device=device), torch.tensor([sample.types], device=device)  # [1, P]
     pos, delta = rope_positions(policy.model, ids, types, vis)  # [3, 1, P], [1, 1]
@@ -1345,8 +1381,8 @@ def sample_group(policy: Policy, sample: Sample, G: int, max_new_tokens: int, te
     eos, done = torch.tensor(eos_ids, device=device), torch.zeros(G, dtype=torch.bool, device=device)
     tokens, logps = [], []  # [G] per step
     for t in range(max_new_tokens):
-        logp = torch.log_softmax(logits / temperature + bias, -1)
-        nxt = (logits + bias).argmax(-1) if greedy else _sample_token(logp, top_p, generator)
+        logp = torch.log_softmax(logits / temperature + logit_mask, -1)
+        nxt = (logits + logit_mask).argmax(-1) if greedy else _sample_token(logp, top_p, generator)
         tokens.append(torch.where(done, pad_id, nxt))  # [G]; rows that ended keep emitting pad
         logps.append(torch.where(done, 0.0, logp.gather(-1, nxt[:, None]).squeeze(-1)))
         done = done | torch.isin(nxt, eos)
@@ -1360,11 +1396,11 @@ def sample_group(policy: Policy, sample: Sample, G: int, max_new_tokens: int, te
 
 
 def sequence_logprobs(policy: Policy, sample: Sample, completion: torch.Tensor, temperature: float,
-                      bias: torch.Tensor | None, shared: bool = True) -> torch.Tensor:
+                      logit_mask: torch.Tensor | None, shared: bool = True) -> torch.Tensor:
     """Scoring forward: log-probs [G, C] of `completion` [G, C] after the prompt, with the vision inputs,
     second_per_grid_ts and 3-D positions the sampler used; the vision tower runs once for the G rows. shared: ONE
     sequence [prompt; c_1; ...; c_G] (prefix_attention), P + G·C tokens instead of G·(P + C). Padding after EOS
-    attends causally: it changes no kept token's log-prob."""
+    attends causally: it changes no kept token's log-prob. Uses: rope_positions, Policy's score_packed / score_rows."""
     device, (G, C) = completion.device, completion.shape
     vis = {k: v.to(device) for k, v in sample.vis.items()}
     if shared and G > 1 and 4 * len(sample.ids) >= C:  # below P = C / 4, no faster than G rows (README)
@@ -1372,13 +1408,14 @@ def sequence_logprobs(policy: Policy, sample: Sample, completion: torch.Tensor, 
         pos, delta = rope_positions(policy.model, ids, types, vis)  # [3, 1, P], [1, 1]
         P = ids.shape[1]  # completion token t is text at position P + t + delta on all three axes, as sampled
         text = (P + delta.view(1) + torch.arange(C, device=device)).repeat(G).view(1, 1, -1).expand(3, 1, -1)
-        return policy(completion, temperature, bias, prefix=P, input_ids=torch.cat([ids, completion.view(1, -1)], 1),
-                      position_ids=torch.cat([pos, text], 2), mm_token_type_ids=F.pad(types, (0, G * C)), **vis)
+        return policy.score_packed(completion, temperature, logit_mask, P, position_ids=torch.cat([pos, text], 2),
+                                   input_ids=torch.cat([ids, completion.view(1, -1)], 1),
+                                   mm_token_type_ids=F.pad(types, (0, G * C)), **vis)
     ids = torch.cat([torch.tensor([sample.ids], device=device).expand(G, -1), completion], 1)  # [G, P + C]
     types = torch.tensor([sample.types + [0] * C], device=device)
     pos, _ = rope_positions(policy.model, ids[:1], types, vis)  # identical for every row: completions are text
-    return policy(completion, temperature, bias, rows=G, input_ids=ids, position_ids=pos.expand(3, G, -1),
-                  mm_token_type_ids=types.expand(G, -1), **vis)
+    return policy.score_rows(completion, temperature, logit_mask, input_ids=ids, position_ids=pos.expand(3, G, -1),
+                             mm_token_type_ids=types.expand(G, -1), **vis)
 
 # ---------------------------------------------------------------------------------------------------------
 # Checkpoints: a plain HF directory per save + sharded optimizer state + meta, written to a temp dir, renamed
@@ -1561,7 +1598,8 @@ def make_policy(model, args: Args, device, world: int, trainable: bool = True) -
 def load_sharded(path: str, dtype: torch.dtype, wrap, device: torch.device):
     """`wrap(model)` (FSDP2) of the checkpoint at `path`, read ONCE: every rank builds it on the meta device and
     allocates only its own shards. A resume checkpoint's shards are read by the ranks that hold them (resharded if
-    the layout differs; also without a process group); a Hugging Face one by rank 0 alone, broadcast tensor by tensor."""
+    the layout differs; also without a process group); a Hugging Face one by rank 0 alone, broadcast tensor by
+    tensor."""
     from torch.distributed.tensor import distribute_tensor
     from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
     with torch.device("meta"):
@@ -1621,8 +1659,7 @@ def next_samples(stream: RowStream, n: int, args, spec, tokenizer, counters: dic
         pos, idx, row = stream.next()
         counters["rows_seen"] += 1
         try:
-            out.append(make_sample(row, args, spec, tokenizer, random.Random(args.seed * 7_919 + pos)))
-            out[-1].pos = pos
+            out.append(make_sample(row, args, spec, tokenizer, random.Random(args.seed * 7_919 + pos), pos))
         except MediaError as e:
             counters["skipped_media"] += 1
             if row["path"] not in bad_names:
@@ -1640,19 +1677,20 @@ def pad_right(seqs: list[torch.Tensor], value) -> torch.Tensor:
     return torch.cat([F.pad(s, (0, C - s.shape[1]), value=value) for s in seqs])
 
 
-def rollout(policy, samples: list, args: Args, tokenizer, eos_ids: list[int], pad_id: int, bias) -> dict:
-    """G completions per prompt, decoded and rewarded; each prompt's sampling is seeded by its stream position."""
+def rollout(policy, samples: list, args: Args, tokenizer, eos_ids: list[int], pad_id: int, logit_mask) -> dict:
+    """G completions per prompt, decoded and rewarded; each prompt's sampling is seeded by its stream position.
+    Uses: sample_group, completion_mask, accuracy_reward, group_rewards."""
     G, out = args.num_generations, {"comps": [], "rewards": [], "parts": {}, "texts": []}
     for s in samples:
-        gen = torch.Generator(bias.device).manual_seed(args.seed * 1_000_003 + s.pos)
+        gen = torch.Generator(logit_mask.device).manual_seed(args.seed * 1_000_003 + s.pos)
         c, _ = sample_group(policy, s, G, args.max_completion_length, args.temperature, args.top_p, eos_ids,
-                            pad_id, bias, gen)
+                            pad_id, logit_mask, gen)
         mask = completion_mask(c, eos_ids)
         texts = tokenizer.batch_decode(c.masked_fill(mask == 0, pad_id), skip_special_tokens=True)
         acc_shuffled = None
         if s.shuffled_vis is not None:  # T-GRPO: G/2 completions on permuted frames, scored only
             cs, _ = sample_group(policy, s, max(1, G // 2), args.max_completion_length, args.temperature,
-                                 args.top_p, eos_ids, pad_id, bias, gen, vis=s.shuffled_vis)
+                                 args.top_p, eos_ids, pad_id, logit_mask, gen, vis=s.shuffled_vis)
             acc_shuffled = [accuracy_reward(t, s.solution, s.problem_type)
                             for t in tokenizer.batch_decode(cs, skip_special_tokens=True)]
         totals, parts = group_rewards(texts, mask.sum(1).long().tolist(), s.solution, s.problem_type, s.mode,
@@ -1679,10 +1717,124 @@ def make_scheduler(optimizer, args: Args):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, args=args))
 
 
+@dataclass
+class Run:
+    """What a training step uses besides its prompts: built once by train(), and by dry_run.py for its plan."""
+    args: Args
+    policy: Policy
+    ref: Policy | None  # the reference model (beta > 0), or None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    tokenizer: object
+    eos_ids: list[int]
+    pad_id: int
+    logit_mask: torch.Tensor  # vocab_mask(): 0, or -inf on the tokens never sampled
+    rank: int = 0
+    world: int = 1
+    gather: object = None  # every rank's picklable value, in rank order (default: all_gather)
+    all_ranks: object = None  # whether a boolean tensor holds on every rank (default: a host sync and a gather)
+
+    def __post_init__(self):
+        self.gather = self.gather or functools.partial(all_gather, world=self.world)
+        self.all_ranks = self.all_ranks or (lambda flag: all(self.gather(bool(flag))))
+
+    def autocast(self):  # bf16 on one process; under torchrun FSDP2's mixed precision casts instead
+        on = self.args.bf16 and not torch.distributed.is_initialized()
+        return torch.autocast(self.logit_mask.device.type, dtype=torch.bfloat16, enabled=on)
+
+
+def no_hook(phase: str, value=None):
+    return value
+
+
+def grpo_step(run: Run, samples: list, phase=no_hook) -> dict:
+    """One GRPO step on this rank's prompts, in named phases: rollout (G completions per prompt, rewards), then
+    advantages, reference forward and old log-probs (no grad), then --num_iterations x (scoring forward and loss,
+    backward, optimizer step). `phase(name, value)` runs as each phase begins (dry_run.py records the phase's
+    memory) and returns `value` or what stands in for it ("completions": a plan's fixed full-length ones)."""
+    args, policy, t0 = run.args, run.policy, time.time()
+    phase("rollout: prefill")
+    policy.eval()
+    with torch.no_grad(), run.autocast(), full_weights(policy):
+        ro = rollout(policy, samples, args, run.tokenizer, run.eos_ids, run.pad_id, run.logit_mask)
+    ro, t_rollout = phase("completions", ro), time.time() - t0
+    # groups live on one rank; "batch" scaling needs every rank's rewards
+    rewards, n = torch.tensor(sum(run.gather(ro["rewards"]), []), device=run.logit_mask.device), len(ro["rewards"])
+    adv = group_advantages(rewards, args.num_generations, args.scale_rewards)[run.rank * n:(run.rank + 1) * n]
+    mask = pad_right([completion_mask(c, run.eos_ids) for c in ro["comps"]], 0.0)
+
+    def score(model) -> torch.Tensor:  # every scoring forward packs a group into one sequence
+        return pad_right([sequence_logprobs(model, s, c, args.temperature, run.logit_mask, args.prefix_sharing)
+                          for s, c in zip(samples, ro["comps"])], 0.0)
+    policy.train()
+    ref_lp = old = None
+    with torch.no_grad(), run.autocast():
+        if run.ref is not None:
+            phase("reference forward")
+            ref_lp = score(run.ref)
+            if torch.distributed.is_initialized():
+                run.ref.reshard()  # FSDP2 keeps a root gathered for its backward; the reference has none
+        if args.num_iterations > 1:  # the policy that sampled, for real ratios later
+            phase("old log-probs")
+            old = score(policy)
+    dapo_tokens = global_tokens(mask) if args.loss_type == "dapo" else None
+    skipped = 0
+    for _ in range(args.num_iterations):  # updates on the same rollout
+        phase("scoring forward")
+        with run.autocast():
+            logp = score(policy)
+            loss, stats = grpo_loss(logp, old if old is not None else logp.detach(), adv, mask, ref_lp, args.beta,
+                                    args.epsilon, args.epsilon_high, args.loss_type, args.max_completion_length,
+                                    dapo_tokens)
+        grad_norm, stepped = update(run, loss, phase)
+        skipped += not stepped
+    return {"loss": loss.item(), "stats": stats, "grad_norm": grad_norm, "skipped": skipped, "rollout": ro,
+            "mask": mask, "rewards": rewards, "t_rollout": t_rollout}
+
+
+def sft_step(run: Run, samples: list, phase=no_hook) -> dict:
+    """One SFT step: cross-entropy on each sample's target (its tokens and EOS), mean over tokens, then update();
+    the phases and the result as grpo_step's."""
+    ids = [run.tokenizer(s.target, add_special_tokens=False)["input_ids"] + [run.eos_ids[0]] for s in samples]
+    targets = phase("completions", {"comps": [torch.tensor([t], device=run.logit_mask.device) for t in ids]})
+    mask, skipped = pad_right([completion_mask(c, run.eos_ids) for c in targets["comps"]], 0.0), 0
+    run.policy.train()
+    for _ in range(run.args.num_iterations):
+        phase("scoring forward")
+        with run.autocast():
+            logp = pad_right([sequence_logprobs(run.policy, s, c, 1.0, None, run.args.prefix_sharing)
+                              for s, c in zip(samples, targets["comps"])], 0.0)
+            loss = -(logp * mask).sum() / mask.sum()
+        grad_norm, stepped = update(run, loss, phase)
+        skipped += not stepped
+    return {"loss": loss.item(), "stats": {}, "grad_norm": grad_norm, "skipped": skipped, "rollout": targets,
+            "mask": mask, "rewards": None, "t_rollout": 0.0}
+
+
+def update(run: Run, loss: torch.Tensor, phase=no_hook) -> tuple[float, bool]:
+    """backward, gradient clipping and the AdamW step, skipped on every rank when the loss or the gradient is not
+    finite on one (a non-finite update never reaches the weights); the schedule advances either way; the gradients
+    are freed at once (the next rollout needs the room). -> (the gradient norm, whether the step was taken)."""
+    phase("backward")
+    grad_norm = torch.tensor(float("nan"))
+    if run.all_ranks(torch.isfinite(loss)):  # every rank takes the same branch
+        loss.backward()  # FSDP2 reduce-scatters (averages) gradients across ranks here
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.policy.parameters(), run.args.max_grad_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    phase("optimizer step")
+    stepped = run.all_ranks(torch.isfinite(grad_norm))
+    if stepped:
+        run.optimizer.step()
+    else:
+        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")  # skipping is intended
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return grad_norm.item(), stepped
+
+
 def train(args: Args, preemption: Preemption | None = None) -> dict:
     """One stage of training -> the last step's metrics (rank 0); a signal `preemption` caught saves its step, stops."""
     from tqdm import tqdm
-    args = fill_defaults(args)
     rank, world, device = setup_distributed()
     torch.manual_seed(args.seed + rank)
     rows, prompts = load_rows(args.data), load_prompts(args.prompts)  # all validated before step one
@@ -1734,12 +1886,9 @@ def train(args: Args, preemption: Preemption | None = None) -> dict:
                    f"{args.max_steps} steps; the next update's lr is {lr[0]:.3g} (the old schedule's: {lr[1]:.3g})")
     counters, bad_names = dict(meta["counters"][rank]), set()
     stream = RowStream(rows, args.seed, rank, world, meta["cursors"][rank])
-    G, sft = args.num_generations, args.stage == "sft"
-    eos_ids, pad_id = decoding_ids(policy.model, tokenizer)
-    bias = vocab_bias(policy.model, spec, device)
-    # bf16: FSDP2's mixed precision under torchrun, autocast on a single process (weights stay float32)
-    sharded = torch.distributed.is_initialized()
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and not sharded)  # noqa
+    sft, (eos_ids, pad_id) = args.stage == "sft", decoding_ids(policy.model, tokenizer)
+    run = Run(args, policy, ref, optimizer, scheduler, tokenizer, eos_ids, pad_id, vocab_mask(policy.model, spec,
+                                                                                                  device), rank, world)
     if rank == 0:
         for name in ("metrics.jsonl", "rollouts.jsonl"):  # a fresh run starts them anew; a resumed one drops
             path = os.path.join(args.out, name)  # the lines the killed run wrote after its last checkpoint
@@ -1759,61 +1908,15 @@ def train(args: Args, preemption: Preemption | None = None) -> dict:
     stop_if_any(all_gather(failed, world))
     for step in range(meta["step"] + 1, args.max_steps + 1):
         t0 = time.time()
-        # ---- rollout: G completions per prompt from one shared prefill (SFT: the target is the completion)
-        policy.eval()
-        with torch.no_grad(), autocast(), full_weights(policy):
-            if sft:
-                ro = {"comps": [torch.tensor([tokenizer(s.target, add_special_tokens=False)["input_ids"]
-                                              + [eos_ids[0]]], device=device) for s in samples]}
-            else:
-                ro = rollout(policy, samples, args, tokenizer, eos_ids, pad_id, bias)
-        t_rollout = time.time() - t0
-        mask = pad_right([completion_mask(c, eos_ids) for c in ro["comps"]], 0.0)
-        # ---- advantages: groups live on one rank; "batch" scaling needs every rank's rewards
-        if not sft:
-            R_all, n = torch.tensor(sum(all_gather(ro["rewards"], world), []), device=device), len(ro["rewards"])
-            adv = group_advantages(R_all, G, args.scale_rewards)[rank * n:(rank + 1) * n]
-        # ---- reference and old log-probs (no grad); every scoring forward packs a group into one sequence
-        policy.train()
-        ref_lp = old = None
-        tau, scored_bias = (1.0, None) if sft else (args.temperature, bias)
-        score = lambda model: pad_right([sequence_logprobs(model, s, c, tau, scored_bias, args.prefix_sharing)  # noqa
-                                         for s, c in zip(samples, ro["comps"])], 0.0)
-        with torch.no_grad(), autocast():
-            if ref is not None and not sft:
-                ref_lp = score(ref)
-                if sharded:
-                    ref.reshard()  # FSDP2 keeps a root gathered for its backward; the reference has none
-            if args.num_iterations > 1 and not sft:  # the policy that sampled, for real ratios later
-                old = score(policy)
-        # ---- loss and optimizer step (num_iterations updates on the same rollout)
-        for _ in range(args.num_iterations):
-            with autocast():
-                logp = score(policy)
-                if sft:  # cross-entropy on the assistant tokens, mean over tokens
-                    loss, stats = -(logp * mask).sum() / mask.sum(), {}
-                else:
-                    loss, stats = grpo_loss(logp, old if old is not None else logp.detach(), adv, mask, ref_lp,
-                                            args.beta, args.epsilon, args.epsilon_high, args.loss_type,
-                                            args.max_completion_length)
-            grad_norm = float("nan")
-            if all(all_gather(bool(torch.isfinite(loss)), world)):  # every rank takes the same branch
-                loss.backward()  # FSDP2 reduce-scatters (averages) gradients across ranks here
-                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-                grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
-            if all(all_gather(math.isfinite(grad_norm), world)):
-                optimizer.step()
-            else:  # a non-finite loss or gradient never reaches the weights; counted, and the schedule advances
-                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")  # skipping is intended
-                counters["nonfinite"] += 1
-                print0(f"step {step}: non-finite loss or gradient, update skipped ({counters['nonfinite']} so far)")
-                if counters["nonfinite"] > args.max_nonfinite:
-                    raise RunStopped(f"{counters['nonfinite']} non-finite updates (limit --max_nonfinite)")
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)  # now, not before the next backward: the rollout needs the room
-        t_step = time.time() - t0
+        out = (sft_step if sft else grpo_step)(run, samples)
+        ro, mask, grad_norm, t_step = out["rollout"], out["mask"], out["grad_norm"], time.time() - t0
+        if out["skipped"]:  # counted; the schedule advanced
+            counters["nonfinite"] += out["skipped"]
+            print0(f"step {step}: non-finite loss or gradient, update skipped ({counters['nonfinite']} so far)")
+            if counters["nonfinite"] > args.max_nonfinite:
+                raise RunStopped(f"{counters['nonfinite']} non-finite updates (limit --max_nonfinite)")
         # ---- next step's prompts; the stream position and counters a checkpoint of this step stores come first
-        local = {"loss": loss.item(), "stats": stats, "parts": ro.get("parts", {}), "len": mask.sum(1).tolist(),
+        local = {"loss": out["loss"], "stats": out["stats"], "parts": ro.get("parts", {}), "len": mask.sum(1).tolist(),
                  "texts": ro.get("texts", []), "counters": dict(counters), "cursor": stream.cursor,
                  "ids": [(s.row.get("problem_id"), s.task, s.letter, s.solution) for s in samples]}
         samples, local["failed"] = prepare(step + 1)
@@ -1825,8 +1928,8 @@ def train(args: Args, preemption: Preemption | None = None) -> dict:
                 "args": vars(args), "data": identity}
         signalled = next((e["signal"] for e in everyone if e["signal"]), None)  # on any rank: every rank stops
         if rank == 0:
-            m = log_step(args, step, everyone, grad_norm, scheduler.get_last_lr()[0], t_rollout, t_step, sft,
-                         R_all if not sft else None)
+            m = log_step(args, step, everyone, grad_norm, scheduler.get_last_lr()[0], out["t_rollout"], t_step, sft,
+                         out["rewards"])
             report(m)
             eta = (time.time() - t_start) / (step - step0) * (args.max_steps - step)
             bar.write(status_line(m, args.max_steps, sft) + f" | eta {eta / 60:.1f}m")
@@ -1849,10 +1952,9 @@ def train(args: Args, preemption: Preemption | None = None) -> dict:
                             f"same command and --resume (exit status {PREEMPTED}, marker {marker})")
     bar.close()
     last = latest_checkpoint(args.out)  # --out itself becomes the final model (again, if a kill interrupted it)
-    done = [os.path.join(d, "meta.json") for d in (args.out, last)]  # the same meta.json (written last): complete
-    todo = rank == 0 and last.endswith(f"step-{args.max_steps:06d}") and not (os.path.isfile(done[0]) and
-                                                                               open(done[0]).read() == open(done[1]).read())
-    if all_gather(todo, world)[0]:  # rank 0 reads the files; every rank takes part in the gather
+    marks = [os.path.join(d, "meta.json") for d in (args.out, last)]  # complete: --out's meta.json (written last)
+    complete = os.path.isfile(marks[0]) and open(marks[0]).read() == open(marks[1]).read()  # is the last step's
+    if all_gather(rank == 0 and last.endswith(f"step-{args.max_steps:06d}") and not complete, world)[0]:  # rank 0 reads
         export_run(args.out, policy, tokenizer, processor, spec, meta, rank, world)
     return m
 
