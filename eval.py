@@ -19,6 +19,8 @@ same flags, a killed run resumes from the predictions files and never redoes a f
 Probes, each reported next to the normal score (always computed):
   blind      every frame replaced by constant grey of the same shape: what remains is answering without looking
   shuffled   the frames randomly permuted (seeded per item): what remains needs no temporal order
+  reversed   the frames in reverse order, nothing else changed (prompt, answer, timestamps): a question about the
+             direction of motion or the order of events flips its answer; one that needs no order does not
   transform  the clip transformed by a random pretext task of --probe_tasks (seeded per item): with the r1 prompt
              only the pretext question is asked (pretext prompt), with --prompt viss both questions are and the
              <transform> letter is scored: pretext accuracy per task, the skill ViSS-R1 trains
@@ -64,7 +66,7 @@ import viss_r1 as V
 # Config and benchmarks
 # ---------------------------------------------------------------------------------------------------------
 
-PROBES = ("none", "blind", "transform", "shuffled")
+PROBES = ("none", "blind", "transform", "shuffled", "reversed")
 # key -> (name, Qwen2.5-VL-7B CoT, Video-R1-7B): the published figures at 32 frames (SPEC §8)
 PUBLISHED = {"vsibench": ("VSI-Bench", 30.1, 35.8), "videommmu": ("VideoMMMU", 48.1, 52.3),
              "mmvu": ("MMVU", 60.0, 63.8), "mvbench": ("MVBench", 59.0, 63.9),
@@ -240,6 +242,8 @@ def prepare(row: dict, media: V.Media, probe: str, prompt: str, args, spec, toke
         media = replace(media, frames=torch.full_like(media.frames, 128))
     elif probe == "shuffled":
         media = replace(media, frames=media.frames[torch.tensor(rng.sample(range(T), T))])
+    elif probe == "reversed":
+        media = replace(media, frames=media.frames.flip(0))
     elif probe == "transform":  # the pretext question alone (r1), or both questions with the viss prompt
         task, option = V.sample_pretext(kind, tuple(tasks), rng)
         media = V.frames_for_task(media, task)

@@ -11,7 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in these tests may touch the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -1946,6 +1946,14 @@ def test_probe_inputs(evalset, eval_ctx):
     shuffled = make("shuffled", 3)
     assert shuffled.ids == none.ids and not torch.equal(shuffled.vis["pixel_values_videos"], pix)
     assert float(shuffled.vis["pixel_values_videos"].sum()) == pytest.approx(float(pix.sum()), rel=1e-5)  # same frames
+    reversed_ = make("reversed")  # the frames in reverse order, and nothing else
+    flipped = E.prepare(row, replace(media, frames=media.frames.flip(0)), "none", "r1", args, ctx.spec,
+                        ctx.tokenizer, random.Random(0))
+    assert (reversed_.ids, reversed_.types, reversed_.solution) == (none.ids, none.types, none.solution)
+    assert reversed_.vis.keys() == none.vis.keys() and all(torch.equal(reversed_.vis[k], flipped.vis[k]) for k in
+                                                           flipped.vis)
+    assert not torch.equal(reversed_.vis["pixel_values_videos"], pix)
+    assert torch.equal(make("reversed", prompt="viss").vis["pixel_values_videos"], reversed_.vis["pixel_values_videos"])
     t1, t2 = make("transform", 5), make("transform", 5)
     assert (t1.task, t1.option) == (t2.task, t2.option) and t1.mode == "pretext"
     assert t1.problem_type == "multiple choice" and t1.solution == f"<answer>{V.LETTERS[t1.option]}</answer>"
