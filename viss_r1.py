@@ -1519,10 +1519,11 @@ def save_checkpoint(args: Args, step: int, policy, tokenizer, processor, spec, o
     Returns what this save took: seconds, and the bytes each rank wrote."""
     tmp, dst = os.path.join(args.out, f".tmp-step-{step:06d}"), os.path.join(args.out, f"step-{step:06d}")
     t0 = time.time()
-    if rank == 0:  # before dcp's first collective: no rank writes into a stale temp dir
+    if rank == 0:  # no rank writes into a stale temp dir (a save killed before)
         shutil.rmtree(tmp, ignore_errors=True)
-    failed = attempt(dcp_io, "save",
-                     train_state(policy, optimizer), os.path.join(tmp, "state"))[1]
+        os.makedirs(tmp)
+    stop_if_any(all_gather(None, world))
+    failed = attempt(lambda: dcp_io("save", train_state(policy, optimizer), os.path.join(tmp, "state")))[1]
     mine = sum(os.path.getsize(p) for p in glob.glob(os.path.join(tmp, "state", f"__{rank}_*.distcp")))
 
     def write():  # rank 0 alone, once every shard is on disk: the small files, meta.json last; then the rename
@@ -1539,6 +1540,16 @@ def save_checkpoint(args: Args, step: int, policy, tokenizer, processor, spec, o
     everyone = all_gather((failed, mine), world)  # also the barrier: no rank goes on before the save is complete
     stop_if_any([f for f, _ in everyone])
     return {"seconds": time.time() - t0, "bytes_per_rank": [b for _, b in everyone]}
+
+
+def final_pending(args: Args) -> bool:
+    """The run's last checkpoint is step max_steps and --out does not hold its export yet (a kill interrupted it):
+    --out's meta.json, written last, differs from the checkpoint's."""
+    last = latest_checkpoint(args.out)
+    if not last or not last.endswith(f"step-{args.max_steps:06d}"):
+        return False
+    marks = [os.path.join(d, "meta.json") for d in (args.out, last)]
+    return not os.path.isfile(marks[0]) or open(marks[0]).read() != open(marks[1]).read()
 
 
 def export_hf(path: str, weights: dict, model, tokenizer, processor, spec, meta: dict) -> None:
@@ -1849,7 +1860,7 @@ def train(args: Args, preemption: Preemption | None = None) -> dict:
     identity, marker = data_identity(rows, prompts), os.path.join(args.out, "PREEMPTED")
     if rank == 0 and os.path.exists(marker):  # this start continues it (or fails for its own reasons)
         os.remove(marker)
-    resume = latest_checkpoint(args.out)
+    resume = all_gather(latest_checkpoint(args.out) if rank == 0 else None, world)[0]  # rank 0's view: one choice
     if resume and not args.resume:  # never overwrite a run by accident
         raise RunStopped(f"{args.out} already holds {os.path.basename(resume)}: pass --resume to continue it, or "
                          f"choose another --out")
@@ -1951,10 +1962,7 @@ def train(args: Args, preemption: Preemption | None = None) -> dict:
             raise Preempted(f"{signalled}: step {step} saved in {latest_checkpoint(args.out)}; continue with the "
                             f"same command and --resume (exit status {PREEMPTED}, marker {marker})")
     bar.close()
-    last = latest_checkpoint(args.out)  # --out itself becomes the final model (again, if a kill interrupted it)
-    marks = [os.path.join(d, "meta.json") for d in (args.out, last)]  # complete: --out's meta.json (written last)
-    complete = os.path.isfile(marks[0]) and open(marks[0]).read() == open(marks[1]).read()  # is the last step's
-    if all_gather(rank == 0 and last.endswith(f"step-{args.max_steps:06d}") and not complete, world)[0]:  # rank 0 reads
+    if all_gather(rank == 0 and final_pending(args), world)[0]:  # rank 0 reads the files, every rank gathers
         export_run(args.out, policy, tokenizer, processor, spec, meta, rank, world)
     return m
 
