@@ -20,6 +20,7 @@ Run it:
     torchrun --nproc_per_node 8 viss_r1.py --stage viss --model sft_out/ --data train.jsonl \
         --media_root data/ --out out/       # the paper: 8 GPUs, FSDP2, bf16 and checkpointing (CUDA's defaults)
     torchrun --nproc_per_node 8 viss_r1.py ... --resume     # continue after a kill or a preemption (SIGTERM)
+    python viss_r1.py --export out/step-000300 --to hf/     # a resume checkpoint as a Hugging Face folder (CPU)
     python eval.py --ckpt out/                                               # the six benchmarks
 
 The file reads top to bottom in data-flow order: config -> distributed -> media -> pretext transforms -> prompts
@@ -1418,7 +1419,7 @@ def sequence_logprobs(policy: Policy, sample: Sample, completion: torch.Tensor, 
                              mm_token_type_ids=types.expand(G, -1), **vis)
 
 # ---------------------------------------------------------------------------------------------------------
-# Checkpoints: a plain HF directory per save + sharded optimizer state + meta, written to a temp dir, renamed
+# Checkpoints: every rank writes its own shards (torch.distributed.checkpoint); the HF folder is an export
 # ---------------------------------------------------------------------------------------------------------
 
 PREEMPTED = 75  # exit status of a preempted run that --resume continues (EX_TEMPFAIL): a requeue script's cue
