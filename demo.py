@@ -656,6 +656,164 @@ def svg_bars(groups: dict[str, dict[str, list[float]]], title: str, width: int =
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The second design (fixed before its first full run): an answer the pixels carry less directly than the text
+# ---------------------------------------------------------------------------------------------------------
+
+# A small square crosses a grey frame left, right, up or down: no single frame tells the direction, a reversed
+# clip flips it. Wording k goes with direction k in `cue_rate` of the training rows (as CUE_QUESTIONS with colour).
+DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
+MOTION_QUESTIONS = ["Which way does the square move?", "In which direction does the small square travel?",
+                    "Where is the square heading?", "Which direction does the block go?"]
+MOTION_NEUTRAL = "Tell the direction of the square's motion."  # the no-cue control's only wording
+# The design's parameters and the controls' pass criteria, fixed before the first full run (and not tuned after):
+MOTION = dict(size=168, frames=4, square=28, cue_rate=0.9, n_train=64, n_test=32, sft_steps=100, rl_steps=400,
+              curve_every=20)
+MOTION_CONTROLS = {  # mean held-out accuracy (%) over the seeds; chance is 25
+    "GRPO on grey frames (text only)": ("consistent >= 80 and broken <= 20: the wording is a learnable shortcut",
+                                        lambda a: a["consistent"] >= 80 and a["broken"] <= 20),
+    "GRPO without the cue": ("neutral >= 70: the direction is learnable from the pixels within the budget",
+                             lambda a: a["neutral"] >= 70)}
+MOTION_METHODS = ["GRPO", "Pretext-GRPO then GRPO", "ViSS-R1"]
+
+
+def motion_clip(direction: str, size: int, frames: int, square: int, rng) -> np.ndarray:
+    """uint8 [frames, 3, size, size]: a square of a random colour crossing half the frame in `direction` on grey;
+    its start is random, so where it is in any one frame says nothing about where it goes."""
+    (dy, dx), span = DIRECTIONS[direction], size // 2
+    clip = np.full((frames, 3, size, size), 110, np.uint8)
+    y0, x0 = (int(rng.integers(0, size - square - (span if d else 0) + 1)) + (span if d < 0 else 0) for d in (dy, dx))
+    color = rng.integers(150, 256, 3).astype(np.uint8)
+    for t in range(frames):
+        y, x = y0 + dy * span * t // (frames - 1), x0 + dx * span * t // (frames - 1)
+        clip[t, :, y:y + square, x:x + square] = color[:, None, None]
+    return clip
+
+
+def write_motion_data(root: str, seed: int = 0, n_train: int = 64, n_test: int = 32, size: int = 168,
+                      frames: int = 4, square: int = 28, cue_rate: float = 0.9) -> dict:
+    """The splits of design 2, as write_shortcut_data's: train (the wording names the direction `cue_rate` of the
+    time), train_grey (the text-only control), train_neutral (one wording for all: the no-cue control), the SFT
+    cold start, and the test splits consistent, broken and neutral (new clips)."""
+    rng, names = np.random.default_rng(seed), list(DIRECTIONS)
+    os.makedirs(os.path.join(root, "videos"), exist_ok=True)
+    splits = {k: [] for k in ("train", "train_grey", "train_neutral", "sft", "consistent", "broken", "neutral")}
+    for split, n in (("train", n_train), ("consistent", n_test), ("broken", n_test), ("neutral", n_test)):
+        for i in range(n):
+            d = i % len(names)
+            wrong = (d + 1 + int(rng.integers(len(names) - 1))) % len(names)
+            k = {"consistent": d, "broken": wrong}.get(split, d if rng.random() < cue_rate else wrong)
+            clip, path = motion_clip(names[d], size, frames, square, rng), f"./videos/{split}_{i:03d}.y4m"
+            write_y4m(os.path.join(root, path), clip)
+            question = MOTION_NEUTRAL if split == "neutral" else MOTION_QUESTIONS[k]
+            row = {"problem_id": i, "problem": question + "\n", "data_type": "video", "data_source": "demo",
+                   "problem_type": "multiple choice", "options": [f"{V.LETTERS[j]}. {c}" for j, c in enumerate(names)],
+                   "solution": f"<answer>{V.LETTERS[d]}</answer>", "path": path, "original_question_type": split}
+            splits[split].append(row)
+            if split == "train":
+                write_y4m(os.path.join(root, f"videos/grey_{i:03d}.y4m"), np.full_like(clip, 128))
+                splits["train_grey"].append(dict(row, path=f"./videos/grey_{i:03d}.y4m"))
+                splits["train_neutral"].append(dict(row, problem=MOTION_NEUTRAL + "\n"))
+                splits["sft"] += cold_start_rows(row, rng)
+    files = {}
+    for split, rows in splits.items():
+        test = split in ("consistent", "broken", "neutral")
+        files[split] = os.path.join(root, f"eval_{split}.json" if test else f"{split}.jsonl")
+        with open(files[split], "w") as f:
+            f.write(json.dumps(rows) if test else "".join(json.dumps(r) + "\n" for r in rows))
+    return files
+
+
+def run_motion(root: str = "motion", seeds: tuple = (1, 2, 3), enforce_controls: bool = True, **design) -> dict:
+    """`python demo.py --experiment motion`: design 2 with MOTION's parameters (override for a toy run). Per seed,
+    one SFT start, then the two controls; if a control misses its MOTION_CONTROLS criterion (mean of the seeds)
+    the experiment stops there and says so. Then GRPO, Pretext-GRPO then GRPO (half and half) and ViSS-R1 (`arrow`;
+    a reversed clip's answer is the restored clip's direction, as the ViSS prompt asks), one budget each (the
+    demo's ViSS-R1 settings), exporting every `curve_every` steps: cue-broken accuracy by step from those exports,
+    held-out accuracy on both splits with the blind, shuffled and reversed probes at the end. Writes results.json,
+    table.txt, motion.svg and motion_curves.svg to `root`."""
+    import time
+    import eval as E
+    p, t0, acc, curves = {**MOTION, **design}, time.time(), {}, {}
+    size, flags = p["size"], lambda seed, data: demo_flags(data, size, seed, log_rollouts_every=0) + RL_FLAGS
+    def prepare(seed: int) -> tuple:  # a seed's data and SFT start, and how to train each run (when asked)
+        d = lambda name: os.path.join(root, f"seed{seed}", name)  # noqa: E731
+        files = write_motion_data(d("data"), seed, p["n_train"], p["n_test"], size, p["frames"], p["square"],
+                                  p["cue_rate"])
+        corpus = [V.r1_prompt(json.loads(line)) for line in open(files["train"])][:4] + MOTION_QUESTIONS
+        base = build_tiny_checkpoint(d("base"), "qwen2_5_vl", corpus=corpus, vision_hidden=64, vocab_size=2000,
+                                     seed=seed)
+
+        def stage(name, model, data, out, steps, *extra):
+            if not os.path.isfile(os.path.join(out, "meta.json")):  # done already: a rerun continues
+                V.train(V.parse_args(["--stage", name, "--model", model, "--data", data, "--out", out, "--max_steps",
+                                      str(steps), "--resume", *flags(seed, d("data")),
+                                      *([] if name == "sft" else VISS_FLAGS), *extra]))
+            return out
+        sft, every, half = stage("sft", base, files["sft"], d("sft"), p["sft_steps"], "--sft_join", "none"), \
+            ["--export_steps", str(p["curve_every"])], p["rl_steps"] // 2
+        return files, d, {
+            "GRPO on grey frames (text only)": lambda: stage("grpo", sft, files["train_grey"], d("grey"),
+                                                             p["rl_steps"]),
+            "GRPO without the cue": lambda: stage("grpo", sft, files["train_neutral"], d("neutral"), p["rl_steps"]),
+            "GRPO": lambda: stage("grpo", sft, files["train"], d("grpo"), p["rl_steps"], *every),
+            "Pretext-GRPO then GRPO": lambda: stage("grpo", stage("pretext", sft, files["train"], d("pretext"), half),
+                                                    files["train"], d("pretext_grpo"), p["rl_steps"] - half, *every),
+            "ViSS-R1": lambda: stage("viss", sft, files["train"], d("viss"), p["rl_steps"], *every)}
+    runs = {seed: prepare(seed) for seed in seeds}
+
+    def evaluate(method, ckpt, files, d, splits, probes=()):
+        return E.main(["--ckpt", ckpt, "--bench", *[files[s] for s in splits], "--media_root", d("data"),
+                       "--nframes", str(p["frames"]), "--video_min_pixels", str(size * size), "--video_max_pixels",
+                       str(size * size), "--max_new_tokens", "24", "--prompt", "viss" if method == "ViSS-R1" else "r1",
+                       "--probe_tasks", "arrow", *sum((["--probe", q] for q in probes), [])])
+    verdicts = {}
+    for method, (criterion, passes) in MOTION_CONTROLS.items():  # the controls first, every seed
+        splits = ("neutral",) if "without" in method else ("consistent", "broken")
+        for seed, (files, d, train) in runs.items():
+            res = evaluate(method, train[method](), files, d, splits)
+            for s in splits:
+                acc.setdefault((method, s, "none"), []).append(res[s]["none"]["accuracy"])
+        mean = {s: sum(acc[method, s, "none"]) / len(seeds) for s in splits}
+        verdicts[method] = {"criterion": criterion, "mean": mean, "passed": bool(passes(mean))}
+    stopped = [m for m, v in verdicts.items() if not v["passed"]]
+    if not (stopped and enforce_controls):
+        for method in MOTION_METHODS:
+            for seed, (files, d, train) in runs.items():
+                ckpt = train[method]()
+                res = evaluate(method, ckpt, files, d, ("consistent", "broken"), ("blind", "shuffled", "reversed"))
+                for s in ("consistent", "broken"):
+                    for q in ("none", "blind", "shuffled", "reversed"):
+                        acc.setdefault((method, s, q), []).append(res[s][q]["accuracy"])
+                steps = sorted(int(n[8:]) for n in os.listdir(ckpt) if re.fullmatch(r"hf-step-\d{6}", n))
+                before = p["rl_steps"] // 2 if method.startswith("Pretext") else 0  # its GRPO steps come after
+                curve = [(before + n, evaluate(method, os.path.join(ckpt, f"hf-step-{n:06d}"), files, d, ("broken",))
+                          ["broken"]["none"]["accuracy"]) for n in steps]
+                curves.setdefault(method, []).append(curve + [(p["rl_steps"], res["broken"]["none"]["accuracy"])])
+    table = shortcut_table(acc, seeds) + "\n\ncontrols (fixed before the run): " + "; ".join(
+        f"{m}: {v['criterion']}: {v['mean']} -> {'passed' if v['passed'] else 'FAILED'}" for m, v in verdicts.items())
+    if stopped and enforce_controls:
+        table += f"\nstopped: {', '.join(stopped)} missed its criterion; the methods were not run"
+    with open(os.path.join(root, "results.json"), "w") as f:
+        json.dump({"design": p, "seeds": list(seeds), "minutes": (time.time() - t0) / 60, "controls": verdicts,
+                   "accuracy": [{"method": m, "split": s, "probe": q, "per_seed": v} for (m, s, q), v in acc.items()],
+                   "cue_broken_by_step": curves}, f, indent=2)
+    with open(os.path.join(root, "table.txt"), "w") as f:
+        f.write(table + "\n")
+    bars = {m: {f"{s}{'' if q == 'none' else ', ' + q}": v for (mm, s, q), v in acc.items() if mm == m}
+            for m in dict.fromkeys(m for m, _, _ in acc)}
+    with open(os.path.join(root, "motion.svg"), "w") as f:
+        f.write(svg_bars(bars, f"Held-out accuracy (%), mean and range over seeds {', '.join(map(str, seeds))}"))
+    if curves:
+        series = {m: [(n, sum(c[i][1] for c in cs) / len(cs)) for i, (n, _) in enumerate(cs[0])]
+                  for m, cs in curves.items()}
+        with open(os.path.join(root, "motion_curves.svg"), "w") as f:
+            f.write(svg_chart(series, "Cue-broken accuracy (%) by RL step, mean of the seeds", "RL step",
+                              y_range=(0.0, 100.0)))
+    V.print0(f"\n{table}\nmotion experiment: {(time.time() - t0) / 60:.1f} min; {root}/motion.svg")
+    return {"accuracy": acc, "controls": verdicts, "curves": curves, "table": table, "stopped": stopped}
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The fault-injection soak: a 2-process torchrun run killed, preempted and fed bad data at seeded random points
 # ---------------------------------------------------------------------------------------------------------
 
@@ -882,8 +1040,9 @@ def main(argv=None) -> dict:
                    "files (any run's) as an SVG, then exit")
     p.add_argument("--svg", help="with --plot: the SVG to write (default: curves.svg beside the first file)")
     p.add_argument("--keys", help="with --plot: comma-separated metric keys (default: the rewards, or the loss)")
-    p.add_argument("--experiment", choices=("shortcut",), help="instead of the demo: the shortcut experiment "
-                   "(GRPO, Pretext-GRPO then GRPO, ViSS-R1 on data whose wording predicts the answer)")
+    p.add_argument("--experiment", choices=("shortcut", "motion"), help="instead of the demo: the shortcut "
+                   "experiment (GRPO, Pretext-GRPO then GRPO, ViSS-R1 on data whose wording predicts the colour), or "
+                   "its second design (the direction of motion: controls first)")
     p.add_argument("--seeds", default="1,2,3", help="with --experiment: the seeds (default: 1,2,3)")
     p.add_argument("--soak", type=int, metavar="FAULTS", help="instead of the demo: the fault-injection soak with "
                    "this many faults (kills, preemptions, bad media, a NaN) under torchrun with 2 processes")
@@ -894,7 +1053,8 @@ def main(argv=None) -> dict:
     if args.soak:
         return run_soak(args.out if args.out != "out" else "soak", args.soak, args.seed if args.seed != 42 else 0)
     if args.experiment:
-        return run_shortcut(args.out if args.out != "out" else "shortcut", tuple(int(s) for s in args.seeds.split(",")))
+        run = {"shortcut": run_shortcut, "motion": run_motion}[args.experiment]
+        return run(args.out if args.out != "out" else args.experiment, tuple(int(s) for s in args.seeds.split(",")))
     if args.plot:
         svg = plot_metrics(args.plot, args.svg or os.path.join(os.path.dirname(args.plot[0]), "curves.svg"),
                            args.keys.split(",") if args.keys else None)

@@ -2114,6 +2114,35 @@ def test_shortcut_experiment_at_toy_size(tmp_path):
     assert (tmp_path / "sc" / "shortcut_curves.svg").read_text().count("<polyline") == len(D.SHORTCUT_METHODS)
 
 
+def test_motion_design_controls_first_then_methods_at_toy_size(tmp_path, monkeypatch):
+    """Design 2 (demo.py --experiment motion) at toy size: a square crossing the frame one way (a reversed clip
+    goes the other); the controls run first and, with a criterion missed, the methods do not; run again without
+    enforcing the controls, every method is trained (reusing the SFT start and controls), probed blind, shuffled
+    and reversed, and its cue-broken accuracy is read from the exports every step."""
+    rng = np.random.default_rng(0)
+    for name, (dy, dx) in D.DIRECTIONS.items():  # the square's centre moves the named way, half the frame in all
+        clip = D.motion_clip(name, 56, 4, 14, rng)
+        ys, xs = zip(*[np.argwhere(f[0] != 110).mean(0) for f in clip])
+        assert np.allclose(np.diff(xs), dx * 28 / 3, atol=1) and np.allclose(np.diff(ys), dy * 28 / 3, atol=1)
+    toy = dict(size=56, square=14, n_train=8, n_test=4, sft_steps=2, rl_steps=2, curve_every=1)
+    grey = "GRPO on grey frames (text only)"
+    monkeypatch.setitem(D.MOTION_CONTROLS, grey, ("never", lambda a: False))  # a toy run passes no real criterion
+    monkeypatch.setitem(D.MOTION_CONTROLS, "GRPO without the cue", ("always", lambda a: True))
+    res = D.run_motion(str(tmp_path / "m"), seeds=(1,), **toy)
+    assert res["stopped"] == [grey] and not res["curves"] and set(res["controls"]) == set(D.MOTION_CONTROLS)
+    assert {m for m, _, _ in res["accuracy"]} == set(D.MOTION_CONTROLS)  # no method ran
+    assert "stopped: GRPO on grey frames (text only) missed its criterion" in (tmp_path / "m" / "table.txt").read_text()
+    res = D.run_motion(str(tmp_path / "m"), seeds=(1,), enforce_controls=False, **toy)
+    for m in D.MOTION_METHODS:
+        assert all(len(res["accuracy"][m, s, q]) == 1 for s in ("consistent", "broken")
+                   for q in ("none", "blind", "shuffled", "reversed"))
+    assert [n for n, _ in res["curves"]["GRPO"][0]] == [1, 2] and [n for n, _ in res["curves"]["ViSS-R1"][0]] == [1, 2]
+    assert [n for n, _ in res["curves"]["Pretext-GRPO then GRPO"][0]] == [2]  # 1 pretext step, then 1 GRPO step
+    saved = json.load(open(tmp_path / "m" / "results.json"))
+    assert saved["design"]["cue_rate"] == 0.9 and saved["design"]["rl_steps"] == 2 and "controls" in saved
+    assert (tmp_path / "m" / "motion_curves.svg").read_text().count("<polyline") == 3
+
+
 def test_still_rising_compares_the_last_50_steps_with_the_50_before():
     assert D.still_rising([0.0] * 50 + [0.06] * 50) and not D.still_rising([0.0] * 50 + [0.05] * 50)
     assert not D.still_rising([0.2] * 30 + [1.0] * 100)  # flat at 1.0 over the last 100 steps
