@@ -1759,6 +1759,13 @@ def no_hook(phase: str, value=None):
     return value
 
 
+def score_groups(model, samples: list, comps: list, temperature: float, logit_mask, shared: bool) -> torch.Tensor:
+    """sequence_logprobs of each prompt's completions (every group packed into one sequence when `shared`),
+    right-padded with 0 into one [rows, C] tensor."""
+    return pad_right([sequence_logprobs(model, s, c, temperature, logit_mask, shared)
+                      for s, c in zip(samples, comps)], 0.0)
+
+
 def grpo_step(run: Run, samples: list, phase=no_hook) -> dict:
     """One GRPO step on this rank's prompts, in named phases: rollout (G completions per prompt, rewards), then
     advantages, reference forward and old log-probs (no grad), then --num_iterations x (scoring forward and loss,
@@ -1774,10 +1781,8 @@ def grpo_step(run: Run, samples: list, phase=no_hook) -> dict:
     rewards, n = torch.tensor(sum(run.gather(ro["rewards"]), []), device=run.logit_mask.device), len(ro["rewards"])
     adv = group_advantages(rewards, args.num_generations, args.scale_rewards)[run.rank * n:(run.rank + 1) * n]
     mask = pad_right([completion_mask(c, run.eos_ids) for c in ro["comps"]], 0.0)
-
-    def score(model) -> torch.Tensor:  # every scoring forward packs a group into one sequence
-        return pad_right([sequence_logprobs(model, s, c, args.temperature, run.logit_mask, args.prefix_sharing)
-                          for s, c in zip(samples, ro["comps"])], 0.0)
+    score = functools.partial(score_groups, samples=samples, comps=ro["comps"], temperature=args.temperature,
+                              logit_mask=run.logit_mask, shared=args.prefix_sharing)
     policy.train()
     ref_lp = old = None
     with torch.no_grad(), run.autocast():
@@ -1814,8 +1819,7 @@ def sft_step(run: Run, samples: list, phase=no_hook) -> dict:
     for _ in range(run.args.num_iterations):
         phase("scoring forward")
         with run.autocast():
-            logp = pad_right([sequence_logprobs(run.policy, s, c, 1.0, None, run.args.prefix_sharing)
-                              for s, c in zip(samples, targets["comps"])], 0.0)
+            logp = score_groups(run.policy, samples, targets["comps"], 1.0, None, run.args.prefix_sharing)
             loss = -(logp * mask).sum() / mask.sum()
         grad_norm, stepped = update(run, loss, phase)
         skipped += not stepped
