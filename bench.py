@@ -525,60 +525,47 @@ def bench_logprobs(p: Preset, repeats: int, warmup: int, device) -> dict:
 
 def grpo_step(policy, ref, optimizer, args: V.Args, tokenizer, spec, bias, eos, p: Preset, device,
               mem: dict | None = None, row: dict = ROW) -> tuple:
-    """train()'s step for one prompt on one process -> (seconds per part, reference log-probs [G, N]):
-      media         viss_r1.make_sample: decode the clip from its file, resize, patch, prompt ids
-      rollout       viss_r1.rollout (sample_group at top_p, decode the texts, rewards), then the advantages
-      ref_logprobs  the reference model's scoring forward (beta 0.04), no grad
-      fwd_bwd       the policy's scoring forward, grpo_loss, backward
-      optimizer     clip the gradient norm, AdamW step, zero the gradients
-    Left out: the status line, metrics.jsonl / rollouts.jsonl, checkpoints; train()'s all_gathers of rewards,
-    finiteness and log records run here too, but are no-ops on one process. num_iterations = 1, so the old
-    log-probs are logp.detach() and need no forward of their own.
+    """viss_r1.grpo_step itself (the function train() calls) for one prompt on one process, timed by its phase hook
+    -> (seconds per part, reference log-probs [G, N]):
+      media         viss_r1.make_sample: decode the clip from its file, resize, patch, prompt ids (before the step)
+      rollout       phases rollout to reference forward: sample_group at top_p, decode the texts, rewards, advantages
+      ref_logprobs  "reference forward": the reference model's scoring forward (beta 0.04), no grad
+      fwd_bwd       "scoring forward" and "backward": the policy's scoring forward, grpo_loss, backward
+      optimizer     "optimizer step": clip the gradient norm, AdamW step, schedule, zero the gradients
+    Left out: the status line, metrics.jsonl / rollouts.jsonl, checkpoints; the step's gathers and agreements of
+    ranks run, on one process. num_iterations = 1, so the old log-probs are logp.detach() (no forward of their own).
+    Each phase boundary synchronises the device (CUDA), as train() does not.
     mem: fill in the step's peak bytes ("step") and the scoring's (reference + forward + backward) peak MiB
-    above what was in use before it ("scoring")."""
-    t, pad = {}, policy.model.config.text_config.pad_token_id
+    above what was in use before it ("scoring"); the counters restart between the clock's readings."""
     if mem is not None:
         restart_peak(device)
-    sample, t["media"] = timed(lambda: V.make_sample(row, args, spec, tokenizer, random.Random(0)), device)
+    sample, media_s = timed(lambda: V.make_sample(row, args, spec, tokenizer, random.Random(0)), device)
+    run = V.Run(replace(args, bf16=p.bf16), policy, ref, optimizer, V.make_scheduler(optimizer, args), tokenizer, eos,
+                policy.model.config.text_config.pad_token_id, bias)
+    clock = []  # (phase, when it began, when the hook returned)
 
-    def rollout():
-        ro = V.rollout(policy, [sample], args, tokenizer, eos, pad, bias)
-        R = torch.tensor(sum(V.all_gather(ro["rewards"], 1), []), device=device)
-        return ro, V.group_advantages(R, args.num_generations, args.scale_rewards)
+    def phase(name: str, value=None):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        began = time.perf_counter()
+        if mem is not None and name == "reference forward":
+            mem["rollout"], mem["base"] = restart_peak(device)
+        if mem is not None and name == "optimizer step":
+            mem["top"] = restart_peak(device)[0]
+            mem["scoring"] = (mem["top"] - mem["base"]) / 2**20
+        clock.append((name, began, time.perf_counter()))
+        return value
 
-    policy.eval()
-    with torch.no_grad(), autocast(device, p):
-        (ro, adv), t["rollout"] = timed(rollout, device)
-    comp = ro["comps"][0]
-    mask = V.completion_mask(comp, eos)
-    score = lambda model: V.sequence_logprobs(model, sample, comp, args.temperature, bias, args.prefix_sharing)  # noqa
-    policy.train()
+    out = V.grpo_step(run, [sample], phase)
+    phase("end")
+    starts = {name: (began, resumed) for name, began, resumed in clock}
+    span = lambda a, b: starts[b][0] - starts[a][1]  # noqa: E731 -- from phase a's start to phase b's
+    t = {"media": media_s, "rollout": span("rollout: prefill", "reference forward"),
+         "ref_logprobs": span("reference forward", "scoring forward"), "fwd_bwd": span("scoring forward",
+         "optimizer step"), "optimizer": span("optimizer step", "end")}
     if mem is not None:
-        mem["rollout"], base = restart_peak(device)
-    with torch.no_grad(), autocast(device, p):
-        ref_lp, t["ref_logprobs"] = timed(lambda: score(ref), device)
-
-    def fwd_bwd():
-        with autocast(device, p):
-            logp = score(policy)
-            loss, _ = V.grpo_loss(logp, logp.detach(), adv, mask, ref_lp, args.beta, args.epsilon, args.epsilon_high,
-                                  args.loss_type, args.max_completion_length)
-        V.all_gather(bool(torch.isfinite(loss)), 1)
-        loss.backward()
-
-    def step():
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    t["fwd_bwd"] = timed(fwd_bwd, device)[1]
-    if mem is not None:
-        top, _ = restart_peak(device)
-        mem["scoring"] = (top - base) / 2**20
-    t["optimizer"] = timed(step, device)[1]
-    if mem is not None:
-        mem["step"] = max(mem["rollout"], top, restart_peak(device)[0])
-    return t, ref_lp
+        mem["step"] = max(mem["rollout"], mem["top"], restart_peak(device)[0])
+    return t, out["ref_logp"]
 
 
 def step_worker(job: dict) -> dict:

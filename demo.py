@@ -535,16 +535,16 @@ def write_shortcut_data(root: str, seed: int = 0, n_train: int = 64, n_test: int
 
 
 def run_shortcut(root: str = "shortcut", seeds: tuple = (1, 2, 3), sft_steps: int = 100, rl_steps: int = 400,
-                 n_train: int = 64, n_test: int = 32) -> dict:
+                 n_train: int = 64, n_test: int = 32, size: int = 168) -> dict:
     """`python demo.py --experiment shortcut`: from one SFT start per seed and with one RL budget for every method
     (`rl_steps` steps of 8 prompts x G 16 at lr 5e-4 constant: the demo's ViSS-R1 settings), (a) GRPO (r1 prompt,
     original clips), (b) Pretext-GRPO for half the steps then GRPO for the other half, (c) ViSS-R1, and (d) GRPO on
     grey frames, which can only read the text; each evaluated by eval.py on the cue-consistent and cue-broken
     splits, plain and with the blind probe. Writes results.json, table.txt, shortcut.svg (accuracy by split) and
-    shortcut_curves.svg (training accuracy by step) to `root`."""
+    shortcut_curves.svg (training accuracy by step) to `root`. Clips are size x size px (a toy run: smaller)."""
     import time
     import eval as E
-    t0, size, acc, curves = time.time(), 168, {}, {}
+    t0, acc, curves = time.time(), {}, {}
     for seed in seeds:
         base_dir = os.path.join(root, f"seed{seed}")
         files = write_shortcut_data(os.path.join(base_dir, "data"), seed, n_train, n_test, size)

@@ -2099,7 +2099,7 @@ def test_shortcut_data_has_the_cue_and_the_pixels_decide(tmp_path):
 
 def test_shortcut_experiment_at_toy_size(tmp_path):
     """Every method trained and evaluated; the table and the SVG have a row / bar per method x split x probe."""
-    res = D.run_shortcut(str(tmp_path / "sc"), seeds=(1,), sft_steps=2, rl_steps=2, n_train=8, n_test=4)
+    res = D.run_shortcut(str(tmp_path / "sc"), seeds=(1,), sft_steps=2, rl_steps=2, n_train=8, n_test=4, size=56)
     keys = {(m, s, p) for m in D.SHORTCUT_METHODS for s in ("consistent", "broken") for p in ("none", "blind")}
     assert set(res["accuracy"]) == keys and all(len(v) == 1 and 0 <= v[0] <= 100 for v in res["accuracy"].values())
     held_out, training = (tmp_path / "sc" / "table.txt").read_text().strip().split("\n\n")

@@ -16,39 +16,35 @@ the user's question about the restored clip, inside the same GRPO update.
 Run it:
     python demo.py                                    # CPU, no downloads, ~4 min: SFT -> Pretext-GRPO / ViSS-R1
     python annotate.py --model Qwen/Qwen2.5-VL-72B-Instruct --data Video-R1-COT-165k.json ...  # SSL-CoT SFT data
-    python viss_r1.py --stage viss --model sft_out/ --data train.jsonl --media_root data/ --out out/
-    torchrun --nproc_per_node 8 viss_r1.py --stage viss --model sft_out/ --data train.jsonl \
-        --media_root data/ --out out/       # the paper: 8 GPUs, FSDP2, bf16 and checkpointing (CUDA's defaults)
+    torchrun --nproc_per_node 8 viss_r1.py --stage viss --model sft_out/ --data train.jsonl --media_root data/ \
+        --out out/     # the paper: 8 GPUs, FSDP2, bf16, checkpointing (CUDA's defaults); `python viss_r1.py`: 1 device
     torchrun --nproc_per_node 8 viss_r1.py ... --resume     # continue after a kill or a preemption (SIGTERM)
     python viss_r1.py --export out/step-000300 --to hf/     # a resume checkpoint as a Hugging Face folder (CPU)
     python eval.py --ckpt out/                                               # the six benchmarks
 
-The file reads top to bottom in data-flow order: config -> distributed -> media -> pretext transforms -> prompts
--> rewards -> GRPO math -> data -> samples -> rollout -> checkpoints -> training loop. It holds the algorithm only:
-the demo and tiny test checkpoints (demo.py), the benchmarks (bench.py) and the evaluation (eval.py) import it,
-never the other way round; importing it loads nothing heavy (transformers and decord load where they are used).
+Sections in data-flow order: config, distributed, media, pretext transforms, prompts, rewards, GRPO math, data,
+samples, rollout, checkpoints, training loop. The algorithm only: demo.py, bench.py, dry_run.py and eval.py import
+it, never the other way round; importing it loads nothing heavy (transformers and decord load where they are used).
 
 Where the paper's numbers depend on the authors' release, this file does what it does: rollouts sample at
 temperature 1.0, top_p 0.95; training frames are ~128·28·28 px, images at most 256·28·28; SFT targets join think,
-transform and answer with newlines; eval.py scores as its evaluation does.
-Deliberate departures from the release (each one is explained where it is implemented):
+transform and answer with newlines; eval.py scores as its evaluation does. Deliberate departures (each explained
+where it is implemented):
   1. `shuffle` takes any frame count (4k+2 keep 4k, evenly spread) and names the real frame ranges (release: 32).
-  2. The sampled fps reaches every forward as `second_per_grid_ts` (Qwen2.5-VL's M-RoPE time axis); the release's
-     RL and SFT code trains at 1 s per temporal patch whatever the fps (its scoring forward drops it altogether).
+  2. The sampled fps reaches every forward as `second_per_grid_ts` (Qwen2.5-VL's M-RoPE time axis); the release
+     trains at 1 s per temporal patch whatever the fps.
   3. Free-form ROUGE tokenizes like rouge-score but without the Porter stemmer.
   4. An explicit `nframes` larger than the clip repeats frames instead of raising (qwen-vl-utils raises).
   5. Images are decoded with Pillow, imported only when an image row is read (decord reads video only).
-  6. Rollouts decode G samples from one shared prefill (the release's generate(num_return_sequences=G): G
-     prefills); scoring forwards (policy, reference, old) run each group as ONE sequence [prompt; c_1; ...; c_G],
-     the clip and prompt once (the release: G copies); any number of prompts per device (the release: exactly 1).
+  6. Rollouts decode G samples from one shared prefill (release: G prefills); scoring runs each group as ONE
+     sequence [prompt; c_1; ...; c_G] (release: G copies of clip and prompt); any number of prompts per device.
   7. Vision placeholder tokens can never be sampled; sampling and scoring use the same masked distribution.
   8. Sampling is seeded by each prompt's data-stream position: a resumed run, or one on other GPUs, draws the same.
-  9. SFT: the loss covers the target tokens only (the release's also the prompt's); no system message (the
-     release's SFT prompt has one, and puts the bare problem type in the type-instruction slot): --prompts.
+  9. SFT: the loss covers the target tokens only (release: also the prompt's); no system message (--prompts).
  10. T-GRPO's bonus needs ordered accuracy >= 0.8 x shuffled (Video-R1's rule; the ViSS-R1 release: 1.0 x).
  11. Every pretext task is on by default; the release's final RL run: --pretext_tasks arrow,puzzle (video, image).
-M-RoPE positions follow the models' pretraining rule (transformers 4.x's, the release's), not the pinned 5.x's
-get_rope_index: the text after a video starts one past its largest position on any axis (mrope_positions).
+ 12. M-RoPE positions follow the models' pretraining rule (transformers 4.x's, the release's), not the pinned 5.x
+     get_rope_index: the text after a video starts one past its largest position on any axis (mrope_positions).
 """
 
 from __future__ import annotations
@@ -73,9 +69,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# ---------------------------------------------------------------------------------------------------------
-# Config: one dataclass, one flag per field, stage presets in one table
-# ---------------------------------------------------------------------------------------------------------
+# ---- Config: one dataclass, one flag per field, stage presets in one table -----------------------------------------
 
 # The paper's settings per stage (SPEC §1, §4-§6): every other default is shared.
 STAGES = {
@@ -198,9 +192,7 @@ def parse_args(argv=None, cuda: bool | None = None) -> Args:
         p.error(why)
     return args
 
-# ---------------------------------------------------------------------------------------------------------
-# Distributed: the same file runs as `python viss_r1.py` or under `torchrun`, sharded with torch's FSDP2
-# ---------------------------------------------------------------------------------------------------------
+# ---- Distributed: the same file runs as `python viss_r1.py` or under `torchrun`, sharded with torch's FSDP2 --------
 
 def print0(*a, **k):
     """Print on the main process only."""
@@ -289,9 +281,7 @@ def stop_if_any(reasons: list) -> None:
     if reasons := [r for r in reasons if r]:
         raise RunStopped(reasons[0])
 
-# ---------------------------------------------------------------------------------------------------------
-# Media: frame sampling, resizing and patching for the Qwen2-VL family (SPEC §6)
-# ---------------------------------------------------------------------------------------------------------
+# ---- Media: frame sampling, resizing and patching for the Qwen2-VL family (SPEC §6) --------------------------------
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -541,9 +531,7 @@ def prompt_ids(tokenizer, text: str, media: Media | None, spec: VisionSpec | Non
         block, types = [pad] * n, [kind] * n
     return ids[:lo] + block + ids[hi:], [0] * lo + types + [0] * (len(ids) - hi)
 
-# ---------------------------------------------------------------------------------------------------------
-# Pretext transforms (SPEC §2): applied after frame sampling, before resizing and patching
-# ---------------------------------------------------------------------------------------------------------
+# ---- Pretext transforms (SPEC §2): applied after frame sampling, before resizing and patching ----------------------
 
 LETTERS = "ABCDEF"
 PAIRS = [(1, 2), (1, 3), (1, 4), (2, 3), (2, 4), (3, 4)]  # shuffle / puzzle options A..F (1-based parts)
@@ -629,10 +617,8 @@ def pretext_question(task: str, num_frames: int = 32, templates: dict | None = N
     options = [f"{LETTERS[i]}. {o.format(**fields)}" for i, o in enumerate(t["pretext_options"][task])]
     return t["pretext_question"][task].format(options="\n".join(options), **fields)
 
-# ---------------------------------------------------------------------------------------------------------
-# Prompts (SPEC §3): one user turn, media first, then text; no system prompt. Every sentence is a template
+# ---- Prompts (SPEC §3): one user turn, media first, then text; no system prompt. Every sentence is a template ------
 # that a JSON file (--prompts) can replace, e.g. with the wording a released checkpoint was trained on.
-# ---------------------------------------------------------------------------------------------------------
 
 ANSWER_CONTRACT = ("Provide your detailed reasoning between the <think> </think> tags, and then give your final "
                    "answer between the <answer> </answer> tags.")
@@ -764,9 +750,7 @@ def pretext_prompt(task: str, num_frames: int) -> str:  # Pretext-GRPO's: pretex
 def viss_prompt(row: dict, task: str, num_frames: int) -> str:  # header, two progressive questions, 3-tag contract
     return render_prompt("viss", row, task, num_frames)[1]
 
-# ---------------------------------------------------------------------------------------------------------
-# Rewards (SPEC §4): completion text -> float, all pure functions
-# ---------------------------------------------------------------------------------------------------------
+# ---- Rewards (SPEC §4): completion text -> float, all pure functions -----------------------------------------------
 
 FORMAT_R1 = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
 FORMAT_VISS = re.compile(r"<think>.*?</think>\s*<transform>.*?</transform>\s*<answer>.*?</answer>", re.DOTALL)
@@ -906,9 +890,7 @@ def group_rewards(completions: list[str], lengths: list[int], solution: str, pro
         parts["temporal"] = temporal_bonus(parts["accuracy"], acc_shuffled)
     return [sum(vals) for vals in zip(*parts.values())], parts
 
-# ---------------------------------------------------------------------------------------------------------
-# GRPO math (SPEC §5): advantages, memory-safe token log-probs, clipped loss with k3 KL
-# ---------------------------------------------------------------------------------------------------------
+# ---- GRPO math (SPEC §5): advantages, memory-safe token log-probs, clipped loss with k3 KL -------------------------
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
     """A_i = (R_i - mean(group)) / (std + 1e-4), groups of `group_size` contiguous completions.
@@ -1011,9 +993,7 @@ def global_tokens(mask: torch.Tensor) -> torch.Tensor:
         tokens = tokens / torch.distributed.get_world_size()
     return tokens
 
-# ---------------------------------------------------------------------------------------------------------
-# Data (SPEC §7): Video-R1 JSON / JSONL rows, validated before the first step
-# ---------------------------------------------------------------------------------------------------------
+# ---- Data (SPEC §7): Video-R1 JSON / JSONL rows, validated before the first step -----------------------------------
 
 PROBLEM_TYPES = ("multiple choice", "numerical", "OCR", "free-form", "regression")
 
@@ -1088,9 +1068,7 @@ def resolve_path(path: str, media_root: str) -> str:
     """A row's media path ("./videos/x.mp4") under the media root; absolute paths are kept."""
     return path if os.path.isabs(path) else os.path.normpath(os.path.join(media_root, path))
 
-# ---------------------------------------------------------------------------------------------------------
-# Samples: one data row -> media, transform, prompt ids and vision tensors, ready for a rollout
-# ---------------------------------------------------------------------------------------------------------
+# ---- Samples: one data row -> media, transform, prompt ids and vision tensors, ready for a rollout -----------------
 
 @dataclass
 class Sample:
@@ -1172,9 +1150,7 @@ class RowStream:
         self.cursor += 1
         return pos, self.order[i], self.rows[self.order[i]]
 
-# ---------------------------------------------------------------------------------------------------------
-# Rollout: shared-prefix group sampling and scoring log-probs
-# ---------------------------------------------------------------------------------------------------------
+# ---- Rollout: shared-prefix group sampling and scoring log-probs ---------------------------------------------------
 
 class Policy(torch.nn.Module):
     """The VLM with one entry point per use, each on FSDP2's hooked path (forward runs the root's hooks; shard()
@@ -1418,9 +1394,7 @@ def sequence_logprobs(policy: Policy, sample: Sample, completion: torch.Tensor, 
     return policy.score_rows(completion, temperature, logit_mask, input_ids=ids, position_ids=pos.expand(3, G, -1),
                              mm_token_type_ids=types.expand(G, -1), **vis)
 
-# ---------------------------------------------------------------------------------------------------------
-# Checkpoints: every rank writes its own shards (torch.distributed.checkpoint); the HF folder is an export
-# ---------------------------------------------------------------------------------------------------------
+# ---- Checkpoints: every rank writes its own shards (torch.distributed.checkpoint); the HF folder is an export ------
 
 PREEMPTED = 75  # exit status of a preempted run that --resume continues (EX_TEMPFAIL): a requeue script's cue
 # the settings a resumed run must share with its checkpoint (else another run continues from its weights)
@@ -1543,16 +1517,6 @@ def save_checkpoint(args: Args, step: int, policy, tokenizer, processor, spec, o
     return {"seconds": time.time() - t0, "bytes_per_rank": [b for _, b in everyone]}
 
 
-def final_pending(args: Args) -> bool:
-    """The run's last checkpoint is step max_steps and --out does not hold its export yet (a kill interrupted it):
-    --out's meta.json, written last, differs from the checkpoint's."""
-    last = latest_checkpoint(args.out)
-    if not last or not last.endswith(f"step-{args.max_steps:06d}"):
-        return False
-    marks = [os.path.join(d, "meta.json") for d in (args.out, last)]
-    return not os.path.isfile(marks[0]) or open(marks[0]).read() != open(marks[1]).read()
-
-
 def export_hf(path: str, weights: dict, model, tokenizer, processor, spec, meta: dict) -> None:
     """Write a Hugging Face directory into `path` (--out itself at the end of a run): into a temp dir beside, each
     file then renamed into place, meta.json last (present iff the export is complete)."""
@@ -1589,9 +1553,7 @@ def export(ckpt: str, to: str) -> None:
     print(f"exported {ckpt} (step {meta['step']}) to {to}")
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Training loop: sample prompts -> transform -> rollout -> reward -> advantages -> log-probs -> step -> log
-# ---------------------------------------------------------------------------------------------------------
+# ---- Training loop: sample prompts -> transform -> rollout -> reward -> advantages -> log-probs -> step -> log -----
 
 def make_policy(model, args: Args, device, world: int, trainable: bool = True) -> Policy:
     """Checkpointing (trainable), the Policy wrapper, FSDP2 under torchrun (else `device`), frozen for a reference."""
@@ -1750,8 +1712,9 @@ class Run:
         self.gather = self.gather or functools.partial(all_gather, world=self.world)
         self.all_ranks = self.all_ranks or (lambda flag: all(self.gather(bool(flag))))
 
-    def autocast(self):  # bf16 on one process; under torchrun FSDP2's mixed precision casts instead
-        on = self.args.bf16 and not torch.distributed.is_initialized()
+    def autocast(self):  # bf16: autocast for an unsharded policy; FSDP2's mixed precision casts a sharded one
+        from torch.distributed.fsdp import FSDPModule
+        on = self.args.bf16 and not isinstance(self.policy, FSDPModule)
         return torch.autocast(self.logit_mask.device.type, dtype=torch.bfloat16, enabled=on)
 
 
@@ -1789,24 +1752,19 @@ def grpo_step(run: Run, samples: list, phase=no_hook) -> dict:
         if run.ref is not None:
             phase("reference forward")
             ref_lp = score(run.ref)
-            if torch.distributed.is_initialized():
+            if hasattr(run.ref, "reshard"):  # FSDP2-sharded
                 run.ref.reshard()  # FSDP2 keeps a root gathered for its backward; the reference has none
         if args.num_iterations > 1:  # the policy that sampled, for real ratios later
             phase("old log-probs")
             old = score(policy)
     dapo_tokens = global_tokens(mask) if args.loss_type == "dapo" else None
-    skipped = 0
-    for _ in range(args.num_iterations):  # updates on the same rollout
-        phase("scoring forward")
-        with run.autocast():
-            logp = score(policy)
-            loss, stats = grpo_loss(logp, old if old is not None else logp.detach(), adv, mask, ref_lp, args.beta,
-                                    args.epsilon, args.epsilon_high, args.loss_type, args.max_completion_length,
-                                    dapo_tokens)
-        grad_norm, stepped = update(run, loss, phase)
-        skipped += not stepped
-    return {"loss": loss.item(), "stats": stats, "grad_norm": grad_norm, "skipped": skipped, "rollout": ro,
-            "mask": mask, "rewards": rewards, "t_rollout": t_rollout}
+
+    def objective():  # the scoring forward and the loss (one update: old = the detached log-probs, ratio 1)
+        logp = score(policy)
+        return grpo_loss(logp, logp.detach() if old is None else old, adv, mask, ref_lp, args.beta, args.epsilon,
+                         args.epsilon_high, args.loss_type, args.max_completion_length, dapo_tokens)
+    return {**update(run, objective, phase), "rollout": ro, "mask": mask, "rewards": rewards, "ref_logp": ref_lp,
+            "t_rollout": t_rollout}
 
 
 def sft_step(run: Run, samples: list, phase=no_hook) -> dict:
@@ -1814,38 +1772,39 @@ def sft_step(run: Run, samples: list, phase=no_hook) -> dict:
     the phases and the result as grpo_step's."""
     ids = [run.tokenizer(s.target, add_special_tokens=False)["input_ids"] + [run.eos_ids[0]] for s in samples]
     targets = phase("completions", {"comps": [torch.tensor([t], device=run.logit_mask.device) for t in ids]})
-    mask, skipped = pad_right([completion_mask(c, run.eos_ids) for c in targets["comps"]], 0.0), 0
+    mask = pad_right([completion_mask(c, run.eos_ids) for c in targets["comps"]], 0.0)
     run.policy.train()
-    for _ in range(run.args.num_iterations):
+    objective = lambda: (-(score_groups(run.policy, samples, targets["comps"], 1.0, None,  # noqa: E731
+                                        run.args.prefix_sharing) * mask).sum() / mask.sum(), {})
+    return {**update(run, objective, phase), "rollout": targets, "mask": mask, "rewards": None, "t_rollout": 0.0}
+
+
+def update(run: Run, objective, phase=no_hook) -> dict:
+    """--num_iterations x (scoring forward: `objective()` -> (loss, stats); backward; gradient clipping and AdamW
+    step). An update is skipped on every rank when the loss or the gradient is not finite on one (it never reaches
+    the weights); the schedule advances either way; the gradients are freed at once (the next rollout needs room)."""
+    skipped = 0
+    for _ in range(run.args.num_iterations):  # updates on the same rollout
         phase("scoring forward")
         with run.autocast():
-            logp = score_groups(run.policy, samples, targets["comps"], 1.0, None, run.args.prefix_sharing)
-            loss = -(logp * mask).sum() / mask.sum()
-        grad_norm, stepped = update(run, loss, phase)
-        skipped += not stepped
-    return {"loss": loss.item(), "stats": {}, "grad_norm": grad_norm, "skipped": skipped, "rollout": targets,
-            "mask": mask, "rewards": None, "t_rollout": 0.0}
-
-
-def update(run: Run, loss: torch.Tensor, phase=no_hook) -> tuple[float, bool]:
-    """backward, gradient clipping and the AdamW step, skipped on every rank when the loss or the gradient is not
-    finite on one (a non-finite update never reaches the weights); the schedule advances either way; the gradients
-    are freed at once (the next rollout needs the room). -> (the gradient norm, whether the step was taken)."""
-    phase("backward")
-    grad_norm = torch.tensor(float("nan"))
-    if run.all_ranks(torch.isfinite(loss)):  # every rank takes the same branch
-        loss.backward()  # FSDP2 reduce-scatters (averages) gradients across ranks here
-        grad_norm = torch.nn.utils.clip_grad_norm_(run.policy.parameters(), run.args.max_grad_norm)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    phase("optimizer step")
-    stepped = run.all_ranks(torch.isfinite(grad_norm))
-    if stepped:
-        run.optimizer.step()
-    else:
-        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")  # skipping is intended
-    run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    return grad_norm.item(), stepped
+            loss, stats = objective()
+        phase("backward")
+        finite = run.all_ranks(torch.isfinite(loss))  # every rank takes the same branch
+        if finite:
+            loss.backward()  # FSDP2 reduce-scatters (averages) gradients across ranks here
+        phase("optimizer step")
+        grad_norm = torch.tensor(float("nan"))
+        if finite:
+            grad_norm = torch.nn.utils.clip_grad_norm_(run.policy.parameters(), run.args.max_grad_norm)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        if run.all_ranks(torch.isfinite(grad_norm)):
+            run.optimizer.step()
+        else:
+            skipped += 1
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")  # skipping is intended
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss.item(), "stats": stats, "grad_norm": grad_norm.item(), "skipped": skipped}
 
 
 def train(args: Args, preemption: Preemption | None = None) -> dict:
@@ -1932,9 +1891,12 @@ def train(args: Args, preemption: Preemption | None = None) -> dict:
             if counters["nonfinite"] > args.max_nonfinite:
                 raise RunStopped(f"{counters['nonfinite']} non-finite updates (limit --max_nonfinite)")
         # ---- next step's prompts; the stream position and counters a checkpoint of this step stores come first
+        lens = iter(mask.sum(1).tolist())  # the rollouts.jsonl records: one per completion
         local = {"loss": out["loss"], "stats": out["stats"], "parts": ro.get("parts", {}), "len": mask.sum(1).tolist(),
-                 "texts": ro.get("texts", []), "counters": dict(counters), "cursor": stream.cursor,
-                 "ids": [(s.row.get("problem_id"), s.task, s.letter, s.solution) for s in samples]}
+                 "counters": dict(counters), "cursor": stream.cursor, "rollouts": [
+                     dict(problem_id=s.row.get("problem_id"), task=s.task, gt_transform=s.letter, solution=s.solution,
+                          completion=t, length=next(lens)) for s, texts in zip(samples, ro.get("texts", []))
+                     for t in texts]}
         samples, local["failed"] = prepare(step + 1)
         local["signal"] = preemption.signal if preemption else None
         local["save_due"] = bool(args.save_minutes) and time.time() - t_saved >= 60 * args.save_minutes
@@ -1967,7 +1929,9 @@ def train(args: Args, preemption: Preemption | None = None) -> dict:
             raise Preempted(f"{signalled}: step {step} saved in {latest_checkpoint(args.out)}; continue with the "
                             f"same command and --resume (exit status {PREEMPTED}, marker {marker})")
     bar.close()
-    if all_gather(rank == 0 and final_pending(args), world)[0]:  # rank 0 reads the files, every rank gathers
+    done = os.path.join(args.out, "meta.json")  # --out holds the last step's export iff its meta.json is this meta
+    pending = meta["step"] == args.max_steps > 0 and not (os.path.isfile(done) and json.load(open(done)) == meta)
+    if all_gather(rank == 0 and pending, world)[0]:  # rank 0's view (a resume may find the export half done)
         export_run(args.out, policy, tokenizer, processor, spec, meta, rank, world)
     return m
 
@@ -1993,17 +1957,13 @@ def log_step(args, step, everyone, grad_norm, lr, t_rollout, t_step, sft, R) -> 
         f.write(json.dumps(m) + "\n")
     if not sft and args.log_rollouts_every and step % args.log_rollouts_every == 0:
         with open(os.path.join(args.out, "rollouts.jsonl"), "a") as f:
-            for rank, e in enumerate(everyone):
-                lens = iter(e["len"])
-                for (pid, task, letter, solution), texts in zip(e["ids"], e["texts"]):
-                    for t in texts:
-                        f.write(json.dumps({"step": step, "rank": rank, "problem_id": pid, "task": task,
-                                            "gt_transform": letter, "solution": solution, "completion": t,
-                                            "length": next(lens)}) + "\n")
-        (pid, task, letter, solution), t = everyone[0]["ids"][0], everyone[0]["texts"][0][0]
-        print(f"  rollout: problem {pid} {('task ' + task + ' gt ' + letter) if task else ''} answer gt "
-              f"{extract_tag(solution)!r}\n  completion: {t[:300]!r}\n  parsed: answer {extract_tag(t)!r} transform "
-              f"{extract_tag(t, 'transform')!r} reward {R[0].item():.2f}", flush=True)
+            f.writelines(json.dumps({"step": step, "rank": rank, **x}) + "\n"
+                         for rank, e in enumerate(everyone) for x in e["rollouts"])
+        x, t = everyone[0]["rollouts"][0], everyone[0]["rollouts"][0]["completion"]
+        task = f"task {x['task']} gt {x['gt_transform']}" if x["task"] else ""
+        print(f"  rollout: problem {x['problem_id']} {task} answer gt {extract_tag(x['solution'])!r}\n"
+              f"  completion: {t[:300]!r}\n  parsed: answer "
+              f"{extract_tag(t)!r} transform {extract_tag(t, 'transform')!r} reward {R[0].item():.2f}", flush=True)
     return m
 
 
