@@ -537,6 +537,7 @@ def grpo_step(policy, ref, optimizer, args: V.Args, tokenizer, spec, bias, eos, 
     Each phase boundary synchronises the device (CUDA), as train() does not.
     mem: fill in the step's peak bytes ("step") and the scoring's (reference + forward + backward) peak MiB
     above what was in use before it ("scoring"); the counters restart between the clock's readings."""
+    assert args.beta > 0 and args.num_iterations == 1, "the parts below are the grpo stage's: a reference, 1 update"
     if mem is not None:
         restart_peak(device)
     sample, media_s = timed(lambda: V.make_sample(row, args, spec, tokenizer, random.Random(0)), device)

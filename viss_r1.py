@@ -1442,6 +1442,11 @@ def resume_changes(meta: dict, args: Args, identity: dict) -> list[str]:
         for k, v in meta.get("data", {}).items() if v != identity[k]]
 
 
+def read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
 def latest_checkpoint(out: str) -> str | None:
     """The newest complete `out/step-NNNNNN` (a crash mid-save leaves only a `.tmp-` directory behind)."""
     done = sorted(d for d in (os.listdir(out) if os.path.isdir(out) else []) if re.fullmatch(r"step-\d{6}", d)
@@ -1547,8 +1552,7 @@ def export(ckpt: str, to: str) -> None:
     if not os.path.isfile(os.path.join(ckpt, "meta.json")) or not os.path.isdir(os.path.join(ckpt, "state")):
         raise RunStopped(f"{ckpt} is not a complete resume checkpoint (a step-NNNNNN folder with state/, meta.json)")
     policy, tokenizer, processor, spec = load_model(ckpt, Args(), torch.device("cpu"), 1, trainable=False)
-    with open(os.path.join(ckpt, "meta.json")) as f:
-        meta = json.load(f)
+    meta = read_json(os.path.join(ckpt, "meta.json"))
     export_hf(to, policy.model.state_dict(), policy.model, tokenizer, processor, spec, meta)
     print(f"exported {ckpt} (step {meta['step']}) to {to}")
 
@@ -1836,8 +1840,7 @@ def train(args: Args, preemption: Preemption | None = None) -> dict:
     scheduler = make_scheduler(optimizer, args)
     meta = {"step": 0, "cursors": [0] * world, "counters": [dict(rows_seen=0, skipped_media=0, nonfinite=0)] * world}
     if resume:
-        with open(os.path.join(resume, "meta.json")) as f:
-            meta = json.load(f)
+        meta = read_json(os.path.join(resume, "meta.json"))
         if len(meta["cursors"]) != world:
             raise RunStopped(f"{resume} was written by {len(meta['cursors'])} processes; resume with as many")
         if (changed := resume_changes(meta, args, identity)) and not args.resume_with_changes:
@@ -1891,12 +1894,13 @@ def train(args: Args, preemption: Preemption | None = None) -> dict:
             if counters["nonfinite"] > args.max_nonfinite:
                 raise RunStopped(f"{counters['nonfinite']} non-finite updates (limit --max_nonfinite)")
         # ---- next step's prompts; the stream position and counters a checkpoint of this step stores come first
-        lens = iter(mask.sum(1).tolist())  # the rollouts.jsonl records: one per completion
-        local = {"loss": out["loss"], "stats": out["stats"], "parts": ro.get("parts", {}), "len": mask.sum(1).tolist(),
-                 "counters": dict(counters), "cursor": stream.cursor, "rollouts": [
+        lens = mask.sum(1).tolist()
+        dump = iter(lens) if args.log_rollouts_every and step % args.log_rollouts_every == 0 else None
+        local = {"loss": out["loss"], "stats": out["stats"], "parts": ro.get("parts", {}), "len": lens,
+                 "counters": dict(counters), "cursor": stream.cursor, "rollouts": [  # rollouts.jsonl, when due
                      dict(problem_id=s.row.get("problem_id"), task=s.task, gt_transform=s.letter, solution=s.solution,
-                          completion=t, length=next(lens)) for s, texts in zip(samples, ro.get("texts", []))
-                     for t in texts]}
+                          completion=t, length=next(dump)) for s, texts in zip(samples, ro.get("texts", []) if dump
+                                                                                else []) for t in texts]}
         samples, local["failed"] = prepare(step + 1)
         local["signal"] = preemption.signal if preemption else None
         local["save_due"] = bool(args.save_minutes) and time.time() - t_saved >= 60 * args.save_minutes
@@ -1930,8 +1934,8 @@ def train(args: Args, preemption: Preemption | None = None) -> dict:
                             f"same command and --resume (exit status {PREEMPTED}, marker {marker})")
     bar.close()
     done = os.path.join(args.out, "meta.json")  # --out holds the last step's export iff its meta.json is this meta
-    pending = meta["step"] == args.max_steps > 0 and not (os.path.isfile(done) and json.load(open(done)) == meta)
-    if all_gather(rank == 0 and pending, world)[0]:  # rank 0's view (a resume may find the export half done)
+    pending = rank == 0 and meta["step"] == args.max_steps > 0 and attempt(read_json, done)[0] != meta
+    if all_gather(pending, world)[0]:  # rank 0's view (a resume may find the export half done or missing)
         export_run(args.out, policy, tokenizer, processor, spec, meta, rank, world)
     return m
 
