@@ -2759,6 +2759,38 @@ def mask_of(model, spec):
     return V.vocab_mask(model, spec, "cpu")
 
 
+def test_bench_times_the_step_train_runs(tmp_path, monkeypatch):
+    """bench.py's step figures come from viss_r1.grpo_step itself, not a copy: a change to the step (a test hook in
+    viss_r1.update that waits 1 s as the optimizer-step phase begins) shows in bench's fwd_bwd part without
+    editing bench.py, and in no other part; every part is timed; the reference log-probs are the step's."""
+    import time
+    from transformers import AutoTokenizer
+    p, device = B.PRESETS["tiny"], torch.device("cpu")
+    skeleton = B.build_skeleton(str(tmp_path / "skeleton"))
+    B.write_clip(str(tmp_path / "clip.y4m"), 4, p.src_h, p.src_w)
+    model = B.build_model(skeleton, p, device)
+    policy, ref = V.Policy(model), V.Policy(B.build_model(skeleton, p, device)).eval().requires_grad_(False)
+    spec, tokenizer = V.vision_spec(model.config, skeleton), AutoTokenizer.from_pretrained(skeleton)
+    args = B.step_args(p, 4, 2, 4, True, str(tmp_path))
+    seen, update = [], V.update
+
+    def slow_update(run, objective, phase=V.no_hook):
+        def hook(name, value=None):
+            seen.append(name)
+            if name == "optimizer step":
+                time.sleep(1.0)  # before bench's hook reads the clock: the wait ends the fwd_bwd span
+            return phase(name, value)
+        return update(run, objective, hook)
+
+    monkeypatch.setattr(V, "update", slow_update)
+    parts, ref_lp = B.grpo_step(policy, ref, torch.optim.AdamW(policy.parameters(), lr=1e-6), args, tokenizer, spec,
+                                V.vocab_mask(model, spec, device), B.never_eos(model), p, device)
+    assert seen == ["scoring forward", "backward", "optimizer step"]
+    assert list(parts) == list(B.PARTS) and all(t > 0 for t in parts.values())
+    assert parts["fwd_bwd"] >= 1.0 and max(parts["rollout"], parts["ref_logprobs"], parts["optimizer"]) < 1.0
+    assert ref_lp.shape == (2, 4) and torch.all(ref_lp <= 0)  # G 2 never-ending completions of 4 tokens
+
+
 def test_a_change_to_the_step_shows_in_the_plan(demo, monkeypatch):
     """dry_run.py plans by running viss_r1.grpo_step itself: a 64 MiB tensor the loss keeps (a test hook on
     grpo_loss, which the step calls) raises the planned backward and optimizer step by 64 MiB, the scoring forward
