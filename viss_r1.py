@@ -14,7 +14,7 @@ the user's question about the restored clip, inside the same GRPO update.
     GRPO / T-GRPO  the Video-R1 baseline on the original clip, beta 0.04
 
 Run it:
-    python demo.py                                    # CPU, no downloads, ~4 min: SFT -> Pretext-GRPO / ViSS-R1
+    python demo.py                                    # CPU, no downloads, ~6 min: SFT -> Pretext-GRPO / ViSS-R1
     python annotate.py --model Qwen/Qwen2.5-VL-72B-Instruct --data Video-R1-COT-165k.json ...  # SSL-CoT SFT data
     torchrun --nproc_per_node 8 viss_r1.py --stage viss --model sft_out/ --data train.jsonl --media_root data/ \
         --out out/     # the paper: 8 GPUs, FSDP2, bf16, checkpointing (CUDA's defaults); `python viss_r1.py`: 1 device
