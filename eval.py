@@ -114,22 +114,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.probes = ["none"] + [q for q in dict.fromkeys(args.probe) if q != "none"]  # the normal score always
     if args.out is None:  # a hub name gets a local folder, not one inside the hub id; a resume checkpoint (which
         step = os.path.normpath(args.ckpt)  # --save_total_limit deletes) one beside it: out/eval-step-000300
-        args.out = (os.path.join(os.path.dirname(step), "eval-" + os.path.basename(step)) if resume_checkpoint(step)
-                    else os.path.join(args.ckpt, "eval") if os.path.isdir(args.ckpt)
+        args.out = (os.path.join(os.path.dirname(step), "eval-" + os.path.basename(step))
+                    if V.is_resume_checkpoint(step) else os.path.join(args.ckpt, "eval") if os.path.isdir(args.ckpt)
                     else os.path.join("eval_results", args.ckpt.replace("/", "--")))
     return args
-
-
-def resume_checkpoint(path: str) -> bool:
-    """A training run's resume checkpoint (out/step-N: sharded state, no HF weights): evaluated as it is."""
-    return os.path.isdir(os.path.join(path, "state"))
 
 
 def checkpoint_settings(ckpt: str | None, known: set) -> dict:
     """Defaults a checkpoint carries for its own evaluation: <ckpt>/eval_settings.json, a JSON object of this
     script's flag names (e.g. {"bench": ["data/eval.json"], "media_root": "data", "nframes": 4}); paths in it are
     relative to the checkpoint folder. Flags given on the command line win."""
-    if ckpt and resume_checkpoint(ckpt):  # out/step-N: the run folder's settings
+    if ckpt and V.is_resume_checkpoint(ckpt):  # out/step-N: the run folder's settings
         ckpt = os.path.dirname(os.path.normpath(ckpt))
     path = os.path.join(ckpt, "eval_settings.json") if ckpt and os.path.isdir(ckpt) else None
     if not path or not os.path.isfile(path):
@@ -262,7 +257,7 @@ def load_checkpoint(path: str, device) -> SimpleNamespace:
     """Model (bf16 on GPU, float32 on CPU), tokenizer, vision spec and the token ids generate needs."""
     from transformers import AutoTokenizer
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    if resume_checkpoint(path):  # out/step-N: its shards read directly (viss_r1.py --export writes the HF folder)
+    if V.is_resume_checkpoint(path):  # out/step-N: its shards read directly (viss_r1.py --export writes the HF folder)
         model = V.load_sharded(path, dtype, lambda m: m, torch.device(device)).eval()
     else:  # a Hugging Face folder or hub name; in bf16 on a GPU: no float32 copy on the way
         model = V.load_whole(path, dtype, torch.device(device)).eval()

@@ -1447,6 +1447,11 @@ def read_json(path: str):
         return json.load(f)
 
 
+def is_resume_checkpoint(path: str) -> bool:
+    """A folder save_checkpoint wrote (out/step-N: sharded state/ beside the config files, no HF weights)."""
+    return os.path.isdir(os.path.join(path, "state"))
+
+
 def latest_checkpoint(out: str) -> str | None:
     """The newest complete `out/step-NNNNNN` (a crash mid-save leaves only a `.tmp-` directory behind)."""
     done = sorted(d for d in (os.listdir(out) if os.path.isdir(out) else []) if re.fullmatch(r"step-\d{6}", d)
@@ -1549,7 +1554,7 @@ def export_run(path: str, policy, tokenizer, processor, spec, meta: dict, rank: 
 def export(ckpt: str, to: str) -> None:
     """`python viss_r1.py --export out/step-000300 --to hf/`: a resume checkpoint as a Hugging Face directory, in
     one process on the CPU (no GPU, no process group; host memory: the float32 model once)."""
-    if not os.path.isfile(os.path.join(ckpt, "meta.json")) or not os.path.isdir(os.path.join(ckpt, "state")):
+    if not os.path.isfile(os.path.join(ckpt, "meta.json")) or not is_resume_checkpoint(ckpt):
         raise RunStopped(f"{ckpt} is not a complete resume checkpoint (a step-NNNNNN folder with state/, meta.json)")
     policy, tokenizer, processor, spec = load_model(ckpt, Args(), torch.device("cpu"), 1, trainable=False)
     meta = read_json(os.path.join(ckpt, "meta.json"))
@@ -1590,7 +1595,7 @@ def load_sharded(path: str, dtype: torch.dtype, wrap, device: torch.device):
     wrapped = wrap(model)
     if sharded:
         model.to_empty(device=device)  # this rank's shards and the buffers, uninitialised
-    if os.path.isdir(os.path.join(path, "state")):  # a resume checkpoint (save_checkpoint): weights and buffers
+    if is_resume_checkpoint(path):  # weights and buffers
         dcp_io("load", train_state(model), os.path.join(path, "state"))  # in place, into this rank's shards
         return wrapped
     full = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype) if torch.distributed.get_rank() == 0 else None
@@ -1617,7 +1622,7 @@ def load_model(path: str, args: Args, device, world: int, trainable: bool = True
     """A Policy on `device` (sharded with FSDP2 under torchrun), plus tokenizer, processor and VisionSpec."""
     from transformers import AutoTokenizer
     build = lambda model: make_policy(model, args, device, world, trainable)  # noqa: E731
-    if torch.distributed.is_initialized() or os.path.isdir(os.path.join(path, "state")):  # read once (a resume
+    if torch.distributed.is_initialized() or is_resume_checkpoint(path):  # read once (a resume
         policy = load_sharded(path, torch.float32, build, device)  # checkpoint: each rank reads its own shards)
     else:
         policy = build(load_whole(path, torch.float32, device))
@@ -1850,7 +1855,7 @@ def train(args: Args, preemption: Preemption | None = None) -> dict:
             raise RunStopped(f"{resume} is at step {meta['step']}, --max_steps {args.max_steps}: nothing to do")
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict  # the AdamW state (earlier
         state = {"optimizer": train_state(policy, optimizer)["optimizer"]}  # versions of this file: in optimizer/)
-        dcp_io("load", state, os.path.join(resume, "state" if os.path.isdir(f"{resume}/state") else "optimizer"))
+        dcp_io("load", state, os.path.join(resume, "state" if is_resume_checkpoint(resume) else "optimizer"))
         set_optimizer_state_dict(policy, optimizer, state["optimizer"])
         scheduler.load_state_dict(torch.load(os.path.join(resume, "scheduler.pt"), weights_only=True))
         scheduler.base_lrs = [args.learning_rate] * len(optimizer.param_groups)  # a changed lr / decay holds
@@ -1895,12 +1900,12 @@ def train(args: Args, preemption: Preemption | None = None) -> dict:
                 raise RunStopped(f"{counters['nonfinite']} non-finite updates (limit --max_nonfinite)")
         # ---- next step's prompts; the stream position and counters a checkpoint of this step stores come first
         lens = mask.sum(1).tolist()
-        dump = iter(lens) if args.log_rollouts_every and step % args.log_rollouts_every == 0 else None
+        due, lengths = args.log_rollouts_every and step % args.log_rollouts_every == 0, iter(lens)
+        records = [dict(problem_id=s.row.get("problem_id"), task=s.task, gt_transform=s.letter, solution=s.solution,
+                        completion=t, length=next(lengths))  # rollouts.jsonl, one per completion, when due
+                   for s, texts in zip(samples, ro.get("texts", []) if due else []) for t in texts]
         local = {"loss": out["loss"], "stats": out["stats"], "parts": ro.get("parts", {}), "len": lens,
-                 "counters": dict(counters), "cursor": stream.cursor, "rollouts": [  # rollouts.jsonl, when due
-                     dict(problem_id=s.row.get("problem_id"), task=s.task, gt_transform=s.letter, solution=s.solution,
-                          completion=t, length=next(dump)) for s, texts in zip(samples, ro.get("texts", []) if dump
-                                                                                else []) for t in texts]}
+                 "counters": dict(counters), "cursor": stream.cursor, "rollouts": records}
         samples, local["failed"] = prepare(step + 1)
         local["signal"] = preemption.signal if preemption else None
         local["save_due"] = bool(args.save_minutes) and time.time() - t_saved >= 60 * args.save_minutes
@@ -1959,7 +1964,7 @@ def log_step(args, step, everyone, grad_norm, lr, t_rollout, t_step, sft, R) -> 
         m.update({f"rewards/{k}/mean": mean(sum((e["parts"][k] for e in everyone), [])) for k in everyone[0]["parts"]})
     with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(m) + "\n")
-    if not sft and args.log_rollouts_every and step % args.log_rollouts_every == 0:
+    if any(e["rollouts"] for e in everyone):  # a step that dumps them (train() builds the records: GRPO, when due)
         with open(os.path.join(args.out, "rollouts.jsonl"), "a") as f:
             f.writelines(json.dumps({"step": step, "rank": rank, **x}) + "\n"
                          for rank, e in enumerate(everyone) for x in e["rollouts"])
